@@ -1,0 +1,139 @@
+"""The ``sparse-ft`` command. Bad input exits with status 2 and one line on stderr, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``key=value`` with value parsed as JSON when it is JSON (numbers, true/false, lists)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that builds a tuned model on a task."""
+    p.add_argument("--task", required=True)
+    p.add_argument("--method", required=True)
+    p.add_argument("--sparsity", type=float, help="p: the fraction of backbone parameters that may change")
+    p.add_argument("--model", default="minilm", help="'minilm' (embedded default), a hub id or a local path")
+    p.add_argument("--data-dir", help="DIR/<task>/{train,val,test}.jsonl; default $SPARSE_FT_DATA, else the hub")
+    p.add_argument("--seed", type=int, default=0, help="data order and dropout (and head, mask unless given)")
+    p.add_argument("--head-seed", type=int)
+    p.add_argument("--mask-seed", type=int)
+    p.add_argument("--preset", default="cpu", help="training protocol: cpu (small) or paper (DESIGN §4)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--train-limit", type=int, help="train on a seeded subset of N examples")
+    p.add_argument("--eval-limit", type=int, help="score only the first N val and test examples")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. -o scope=global (see `sparse-ft methods`)")
+
+
+def spec_from_args(args):
+    from .run import RunSpec
+
+    overrides = {k: getattr(args, k) for k in ("max_steps", "batch_size", "lr", "eval_every", "max_length")}
+    return RunSpec(
+        task=args.task, method=args.method, sparsity=args.sparsity, model=args.model, data_dir=args.data_dir,
+        seed=args.seed, head_seed=args.head_seed, mask_seed=args.mask_seed, preset=args.preset,
+        train_overrides={k: v for k, v in overrides.items() if v is not None},
+        method_options=dict(args.option), train_limit=args.train_limit, eval_limit=args.eval_limit,
+        device=args.device, mask_path=getattr(args, "mask", None),
+    )
+
+
+def cmd_train(args) -> None:
+    from .run import RESULT_FILE, execute, summary_line, write_json_atomic
+
+    spec = spec_from_args(args)
+    spec.validate()
+    result = execute(spec, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
+    write_json_atomic(Path(args.output) / RESULT_FILE, result)
+    print(summary_line(result))
+
+
+def cmd_tasks(args) -> None:
+    from .tasks import TASKS
+
+    for task in TASKS.values():
+        labels = "float" if task.labels is None else "/".join(map(str, task.labels))
+        print(f"{task.name:6s} {task.kind:16s} metric={task.metric:22s} fields={','.join(task.fields)} labels={labels}")
+
+
+def cmd_methods(args) -> None:
+    import dataclasses
+
+    from .methods import METHODS
+
+    for name, cls in METHODS.items():
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.name != "sparsity")
+        first = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:13s} {first}")
+        if options:
+            print(f"{'':13s} options: {options}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sparse-ft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="fine-tune one model on one task with one method")
+    add_run_arguments(p)
+    p.add_argument("--mask", help="train on a mask saved by `sparse-ft select`")
+    p.add_argument("--output", required=True, help="folder for result.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    sub.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
+    sub.add_parser("methods", help="list the methods and their options").set_defaults(func=cmd_methods)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"sparse-ft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparse-ft: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Full fine-tuning: every backbone parameter trains (the paper's FullTuning baseline, p = 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models import TaskModel
+from .base import BuildContext, MethodConfig, SparsityReport, Theta0Snapshot, TunedModel, register
+
+
+@register
+@dataclass
+class FullConfig(MethodConfig):
+    """Full fine-tuning: the dense baseline that every p-sparse method is compared with."""
+
+    name = "full"
+    uses_sparsity = False
+    citation = "Devlin et al. 2019; the FullTuning row of Fu et al. 2023, Table 1"
+
+    def build(self, model: TaskModel, context: BuildContext) -> FullTuned:
+        return FullTuned(model, self)
+
+
+class FullTuned(TunedModel):
+    def __init__(self, model: TaskModel, config: FullConfig):
+        super().__init__(model, config)
+        model.requires_grad_(True)
+        self.theta0 = Theta0Snapshot(model.backbone)
+
+    def sparsity_report(self) -> SparsityReport:
+        return SparsityReport(
+            backbone_params=self.backbone_params,
+            budget=self.backbone_params,
+            changed=self.theta0.count_changed(self.model.backbone),
+            trainable=self.trainable_param_count(),
+            head_params=self.head_param_count(),
+        )

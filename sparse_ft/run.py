@@ -1,0 +1,189 @@
+"""One fine-tuning run, end to end: data → model → method → training → result.json.
+
+``RunSpec`` is everything that defines a run; ``execute(spec)`` performs it and returns the result
+dict whose fields DESIGN §7 fixes. The CLI's ``train`` and the sweep both go through here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import data as data_mod
+from .errors import UserError, check_range
+from .methods import BuildContext, make_method_config
+from .models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer
+from .tasks import REGRESSION, get_task
+from .train import evaluate, peak_memory_mb, preset, to_device, train
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class RunSpec:
+    task: str
+    method: str
+    sparsity: float | None = None
+    model: str = DEFAULT_MODEL
+    data_dir: str | None = None
+    seed: int = 0  # data order and dropout
+    head_seed: int | None = None  # head initialisation (default: seed)
+    mask_seed: int | None = None  # mask sampling (default: seed)
+    preset: str = "cpu"
+    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields (lr, max_steps, ...)
+    method_options: dict = field(default_factory=dict)
+    train_limit: int | None = None  # a seeded subset of the training set
+    eval_limit: int | None = None  # the first N examples of val and of test
+    device: str = "auto"
+    mask_path: str | None = None  # a saved mask to train on (``sparse-ft select``)
+
+    def seeds(self) -> dict:
+        return {"data": self.seed,
+                "head": self.seed if self.head_seed is None else self.head_seed,
+                "mask": self.seed if self.mask_seed is None else self.mask_seed}
+
+    def validate(self) -> None:
+        get_task(self.task)
+        make_method_config(self.method, self.sparsity, **self.method_options)
+        if self.train_limit is not None:
+            check_range("train_limit", self.train_limit, 1)
+        if self.eval_limit is not None:
+            check_range("eval_limit", self.eval_limit, 1)
+        preset(self.preset, **self.train_overrides)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def subset(examples: list, limit: int | None, seed: int = 0) -> list:
+    """A seeded random subset of ``limit`` examples (the same for every run seed)."""
+    if limit is None or limit >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, limit)
+
+
+@dataclass
+class PreparedRun:
+    """Everything a run needs before training; reused by ``select`` and the theory commands."""
+
+    spec: RunSpec
+    task: object
+    model: TaskModel
+    tokenizer: object
+    config: object
+    device: torch.device
+    features: dict[str, list]
+    loaders: dict[str, object]
+    context: BuildContext
+
+
+def prepare(spec: RunSpec) -> PreparedRun:
+    spec.validate()
+    task = get_task(spec.task)
+    config = preset(spec.preset, **spec.train_overrides)
+    device = resolve_device(spec.device)
+    seeds = spec.seeds()
+    splits = data_mod.load_splits(task, spec.data_dir)
+    splits["train"] = subset(splits["train"], spec.train_limit)
+    for name in ("val", "test"):
+        splits[name] = splits[name][: spec.eval_limit] if spec.eval_limit else splits[name]
+    tokenizer = load_tokenizer(spec.model)
+    featurizer = data_mod.Featurizer(task, tokenizer, config.max_length)
+    features = {name: data_mod.featurize(examples, featurizer, name) for name, examples in splits.items()}
+    collator = data_mod.Collator(tokenizer.pad_token_id, regression=task.kind == REGRESSION)
+    pin = device.type == "cuda"
+    loaders = {
+        "train": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=True,
+                                      seed=seeds["data"], pin_memory=pin),
+        **{name: data_mod.make_loader(features[name], collator, config.batch_size, shuffle=False, pin_memory=pin)
+           for name in ("val", "test")},
+        "selection": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=False,
+                                          pin_memory=pin),
+    }
+    model = build_task_model(task, spec.model, head_seed=seeds["head"])
+
+    def selection_batches():
+        return (to_device(batch, device) for batch in loaders["selection"])
+
+    context = BuildContext(selection_batches=selection_batches, mask_seed=seeds["mask"], device=device)
+    return PreparedRun(spec, task, model, tokenizer, config, device, features, loaders, context)
+
+
+def build_tuned(run: PreparedRun):
+    """Apply the run's method (or its saved mask) to the prepared model."""
+    spec = run.spec
+    method_config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
+    run.model.to(run.device)
+    if spec.mask_path:
+        from .delta import load_mask_into  # only mask methods have saved masks
+
+        return load_mask_into(spec.mask_path, run.model, method_config)
+    return method_config.build(run.model, run.context)
+
+
+def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
+    """Run one fine-tuning job and return its result dict (DESIGN §7)."""
+    wall_start = time.perf_counter()
+    run = prepare(spec)
+    tuned = build_tuned(run)
+    log(tuned.describe())
+    outcome = train(tuned, run.loaders["train"], run.loaders["val"], run.config, run.device,
+                    seed=spec.seeds()["data"], progress=progress)
+    metrics = {name: evaluate(tuned, run.loaders[name], run.device, run.config.bf16) for name in ("val", "test")}
+    report = tuned.sparsity_report()
+    return {
+        "task": spec.task,
+        "method": spec.method,
+        "sparsity": spec.sparsity if spec.sparsity is not None else report.realized,
+        "seed": spec.seed,
+        "seeds": spec.seeds(),
+        "model": spec.model,
+        "preset": spec.preset,
+        "train_config": dataclasses.asdict(run.config),
+        "method_config": tuned.config.to_dict(),
+        "data": {name: len(run.features[name]) for name in ("train", "val", "test")},
+        "metrics": metrics,
+        "score": {name: metrics[name]["major"] for name in ("val", "test")},
+        "sparsity_report": report.to_dict(),
+        "steps": outcome.steps,
+        "best_step": outcome.best_step,
+        "history": outcome.history,
+        "train_losses": outcome.losses,
+        "structure_changes": outcome.structure_changes,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "train_seconds": outcome.train_seconds,
+        "peak_memory_mb": peak_memory_mb(run.device),
+        "device": str(run.device),
+        "torch": torch.__version__,
+    }
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write JSON so that a reader never sees a half-written file (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    os.replace(tmp, path)
+
+
+def summary_line(result: dict) -> str:
+    rep = result["sparsity_report"]
+    return (f"{result['task']} {result['method']} seed {result['seed']}: val {result['score']['val']:.2f} "
+            f"test {result['score']['test']:.2f} (major metric x100 on {result['data']['test']} test examples) | "
+            f"changed {rep['changed']:,}/{rep['backbone_params']:,} = {rep['realized']:.4%} | "
+            f"{result['steps']} steps, train {result['train_seconds']:.1f}s, wall {result['wall_seconds']:.1f}s, "
+            f"peak {result['peak_memory_mb']:.0f} MB")

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny random-init BERT built from a config, with the MiniLM tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_ft import data as data_mod
+from sparse_ft.models import TaskModel, backbone_from_config, load_tokenizer
+from sparse_ft.tasks import REGRESSION, get_task
+
+SHARED_DATA = Path(os.environ.get("SPARSE_FT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"))
+
+
+def tiny_config(vocab_size: int = 30522, **overrides):
+    from transformers import BertConfig
+
+    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                    vocab_size=vocab_size, max_position_embeddings=512, attn_implementation="eager")
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def tiny_task_model(task_name: str = "cb", seed: int = 0, **overrides) -> TaskModel:
+    """A 2-layer, 32-wide random-init BERT with the MiniLM vocabulary, plus the task head."""
+    torch.manual_seed(seed)
+    return TaskModel(backbone_from_config(tiny_config(**overrides)), get_task(task_name), head_seed=seed)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"task data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def task_loader(task_name: str, tokenizer, data_dir: Path, n: int = 8, batch_size: int = 4, max_length: int = 64,
+                split: str = "train"):
+    """A loader over the first ``n`` examples of a real task split."""
+    task = get_task(task_name)
+    examples = data_mod.read_jsonl(data_dir / task_name / f"{split}.jsonl", task)[:n]
+    features = data_mod.featurize(examples, data_mod.Featurizer(task, tokenizer, max_length), split)
+    collator = data_mod.Collator(tokenizer.pad_token_id, regression=task.kind == REGRESSION)
+    return data_mod.make_loader(features, collator, batch_size, shuffle=False)
