@@ -50,3 +50,15 @@ def task_loader(task_name: str, tokenizer, data_dir: Path, n: int = 8, batch_siz
     features = data_mod.featurize(examples, data_mod.Featurizer(task, tokenizer, max_length), split)
     collator = data_mod.Collator(tokenizer.pad_token_id, regression=task.kind == REGRESSION)
     return data_mod.make_loader(features, collator, batch_size, shuffle=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny random-init BERT with the MiniLM tokenizer: ``--model`` for fast CLI tests."""
+    from transformers import BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    BertModel(tiny_config(vocab_size=len(tokenizer)), add_pooling_layer=False).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -39,6 +39,8 @@ def get_method(name: str) -> type[MethodConfig]:
 
 def make_method_config(name: str, sparsity: float | None = None, **options) -> MethodConfig:
     """The config of method ``name`` with its documented defaults, ``sparsity`` and known ``options``."""
+    if sparsity is not None:
+        check_range("sparsity", sparsity, 0.0, 1.0, low_open=True)
     cls = get_method(name)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
@@ -46,7 +48,6 @@ def make_method_config(name: str, sparsity: float | None = None, **options) -> M
         raise UserError(f"method {name!r} has no option(s) {unknown}; options: {sorted(known)}")
     config = cls(**options)
     if sparsity is not None:
-        check_range("sparsity", sparsity, 0.0, 1.0, low_open=True)
         if not cls.uses_sparsity:
             raise UserError(f"method {name!r} fixes its own sparsity; do not pass --sparsity")
         config.sparsity = sparsity

@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sparse_ft.cli import main
+from sparse_ft.run import RESULT_FILE
+
+REQUIRED_FIELDS = {"task", "method", "sparsity", "seed", "model", "metrics", "score", "sparsity_report", "steps",
+                   "wall_seconds", "train_seconds", "peak_memory_mb"}
+
+
+def _train_args(task, model, data_dir, out, *extra):
+    return ["train", "--task", task, "--method", "full", "--model", str(model), "--data-dir", str(data_dir),
+            "--train-limit", "8", "--eval-limit", "8", "--max-steps", "3", "--batch-size", "4", "--eval-every", "3",
+            "--quiet", "--output", str(out), *extra]
+
+
+@pytest.mark.parametrize("task", ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"])
+def test_train_writes_result_for_every_task(task, tiny_model_dir, data_dir, tmp_path, capsys):
+    assert main(_train_args(task, tiny_model_dir, data_dir, tmp_path)) == 0
+    result = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert REQUIRED_FIELDS <= set(result)
+    assert result["task"] == task and result["steps"] == 3
+    assert set(result["score"]) == {"val", "test"}
+    assert result["score"]["test"] == result["metrics"]["test"]["major"]
+    assert result["data"] == {"train": 8, "val": 8, "test": 8}
+    rep = result["sparsity_report"]
+    assert {"backbone_params", "budget", "changed", "realized"} <= set(rep)
+    assert 0 < rep["changed"] <= rep["budget"]
+    assert 0 < result["train_seconds"] <= result["wall_seconds"]
+    assert f"{task} full seed 0" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, code, pattern):
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1, err
+    assert pattern in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,pattern", [
+    (["--sparsity", "1.5"], "sparsity must be in (0.0, 1.0], got 1.5"),
+    (["--sparsity", "0"], "sparsity must be in (0.0, 1.0]"),
+    (["--max-steps", "0"], "max_steps must be in [1, inf], got 0"),
+])
+def test_bad_parameters_give_one_line(extra, pattern, tiny_model_dir, data_dir, tmp_path, capsys):
+    args = _train_args("cb", tiny_model_dir, data_dir, tmp_path)
+    if extra[0] == "--sparsity":
+        args[args.index("full")] = "random"
+    args += extra
+    _one_line_error(capsys, main(args), pattern)
+
+
+@pytest.mark.parametrize("flag,value,pattern", [
+    ("--task", "imdb", "unknown task 'imdb'"),
+    ("--method", "prefix", "unknown method 'prefix'"),
+])
+def test_unknown_task_or_method(flag, value, pattern, tiny_model_dir, data_dir, tmp_path, capsys):
+    args = _train_args("cb", tiny_model_dir, data_dir, tmp_path)
+    args[args.index(flag) + 1] = value
+    _one_line_error(capsys, main(args), pattern)
+
+
+def test_bad_data_gives_file_and_line(tiny_model_dir, tmp_path, capsys):
+    folder = tmp_path / "data" / "cb"
+    folder.mkdir(parents=True)
+    good = json.dumps({"premise": "a", "hypothesis": "b", "label": "neutral"})
+    (folder / "train.jsonl").write_text(good + "\n" + good + "\n{broken\n")
+    for split in ("val", "test"):
+        (folder / f"{split}.jsonl").write_text(good + "\n")
+    _one_line_error(capsys, main(_train_args("cb", tiny_model_dir, tmp_path / "data", tmp_path)),
+                    "train.jsonl:3: malformed JSON")
+    (folder / "train.jsonl").write_text(good.replace("neutral", "unsure") + "\n")
+    _one_line_error(capsys, main(_train_args("cb", tiny_model_dir, tmp_path / "data", tmp_path)),
+                    "train.jsonl:1: unknown label 'unsure'")
+    _one_line_error(capsys, main(_train_args("cb", tiny_model_dir, tmp_path / "missing", tmp_path)),
+                    "data folder")
+
+
+def test_subprocess_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparse_ft.cli", "train", "--task", "cb", "--method", "full",
+                           "--data-dir", str(tmp_path / "missing"), "--output", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"sparse-ft: error: data folder '{tmp_path / 'missing'}' does not exist"
+
+
+def test_tasks_and_methods_listings(capsys):
+    assert main(["tasks"]) == 0
+    assert "copa" in capsys.readouterr().out
+    assert main(["methods"]) == 0
+    assert "full" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_minilm_cli_run(data_dir, tmp_path, capsys):
+    args = ["train", "--task", "cb", "--method", "full", "--data-dir", str(data_dir), "--train-limit", "32",
+            "--eval-limit", "16", "--max-steps", "4", "--quiet", "--output", str(tmp_path)]
+    assert main(args) == 0
+    result = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert result["model"] == "minilm"
+    assert result["sparsity_report"]["backbone_params"] == 22_565_376  # all-MiniLM-L6-v2 without its pooler

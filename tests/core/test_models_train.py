@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from sparse_ft.methods import BuildContext, make_method_config
+from sparse_ft.methods.base import backbone_size
+from sparse_ft.tasks import get_task
+from sparse_ft.train import NonFiniteLoss, TrainConfig, evaluate, linear_warmup_decay, train
+from tests.conftest import task_loader, tiny_task_model
+
+
+@pytest.mark.parametrize("task_name,shape", [("cb", (4, 3)), ("stsb", (4,)), ("copa", (4, 2)), ("wsc", (4, 2)),
+                                             ("cola", (4, 2))])
+def test_heads_give_one_output_per_example(task_name, shape, tokenizer, data_dir):
+    model = tiny_task_model(task_name, vocab_size=len(tokenizer))
+    batch = next(iter(task_loader(task_name, tokenizer, data_dir, n=4)))
+    logits = model(batch)
+    assert logits.shape == shape
+    assert torch.isfinite(model.loss(batch))
+
+
+def test_head_is_apart_from_backbone_and_seeded():
+    a, b = tiny_task_model("cb"), tiny_task_model("cb")
+    m = backbone_size(a)
+    assert m == sum(p.numel() for p in a.backbone.parameters())
+    assert m < sum(p.numel() for p in a.parameters())
+    from sparse_ft.models import TaskModel
+
+    h1 = TaskModel(a.backbone, get_task("cb"), head_seed=1).head.dense.weight
+    h2 = TaskModel(a.backbone, get_task("cb"), head_seed=1).head.dense.weight
+    h3 = TaskModel(a.backbone, get_task("cb"), head_seed=2).head.dense.weight
+    assert torch.equal(h1, h2) and not torch.equal(h1, h3)
+    assert torch.equal(a.head.dense.weight, b.head.dense.weight)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    assert linear_warmup_decay(0, 10, 100) == 0.0
+    assert linear_warmup_decay(5, 10, 100) == 0.5
+    assert linear_warmup_decay(10, 10, 100) == 1.0
+    assert linear_warmup_decay(55, 10, 100) == pytest.approx(0.5)
+    assert linear_warmup_decay(100, 10, 100) == 0.0
+
+
+def _small_config(**kw):
+    settings = dict(batch_size=4, lr=3e-3, eval_every=5, patience=100, min_steps=0, max_steps=30, check_every=5,
+                    warmup_ratio=0.0)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def test_full_fine_tuning_fits_a_small_training_set(tokenizer, data_dir):
+    model = tiny_task_model("cb", vocab_size=len(tokenizer))
+    tuned = make_method_config("full").build(model, BuildContext())
+    loader = task_loader("cb", tokenizer, data_dir, n=8, batch_size=4)
+    outcome = train(tuned, loader, loader, _small_config(), torch.device("cpu"), progress=False)
+    assert outcome.losses[-1]["loss"] < 0.5 * outcome.losses[0]["loss"]
+    assert max(h["val"] for h in outcome.history) == 100.0  # it fits the 8 examples it trains on
+    assert outcome.steps == 30 and len(outcome.history) == 6
+    report = tuned.sparsity_report()
+    assert report.budget == report.backbone_params and 0 < report.changed <= report.budget
+
+
+def test_best_checkpoint_is_restored(tokenizer, data_dir):
+    model = tiny_task_model("cb", vocab_size=len(tokenizer))
+    tuned = make_method_config("full").build(model, BuildContext())
+    train_loader = task_loader("cb", tokenizer, data_dir, n=8)
+    val_loader = task_loader("cb", tokenizer, data_dir, n=8, split="val")
+    outcome = train(tuned, train_loader, val_loader, _small_config(lr=1e-2), torch.device("cpu"), progress=False)
+    best = max(h["val"] for h in outcome.history)
+    best_step = next(h["step"] for h in outcome.history if h["val"] == best)
+    assert outcome.best_step == best_step
+    assert evaluate(tuned, val_loader, torch.device("cpu"))["major"] == pytest.approx(best)
+
+
+def test_early_stopping_after_patience(tokenizer, data_dir):
+    model = tiny_task_model("cb", vocab_size=len(tokenizer))
+    tuned = make_method_config("full").build(model, BuildContext())
+    loader = task_loader("cb", tokenizer, data_dir, n=8)
+    config = _small_config(lr=1e-12, patience=2, max_steps=200)  # nothing improves after the first eval
+    outcome = train(tuned, loader, loader, config, torch.device("cpu"), progress=False)
+    assert outcome.steps == 15  # evals at 5 (best), 10, 15 (two without improvement)
+
+
+def test_non_finite_loss_stops_training(tokenizer, data_dir):
+    model = tiny_task_model("cb", vocab_size=len(tokenizer))
+    with torch.no_grad():
+        model.head.out_proj.weight.fill_(math.inf)
+    tuned = make_method_config("full").build(model, BuildContext())
+    loader = task_loader("cb", tokenizer, data_dir, n=8)
+    with pytest.raises(NonFiniteLoss, match="training loss became nan"):
+        train(tuned, loader, loader, _small_config(), torch.device("cpu"), progress=False)
