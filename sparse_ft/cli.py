@@ -94,6 +94,45 @@ def cmd_methods(args) -> None:
             print(f"{'':13s} options: {options}")
 
 
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [None if item == "default" else kind(item) for item in text.split(",") if item]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}, got {text!r}")
+    return parse
+
+
+def cmd_sweep(args) -> None:
+    from .sweep import SweepSpec, load_sweep_file, run_sweep
+
+    if args.file:
+        sweep = load_sweep_file(args.file)
+    else:
+        if not (args.tasks and args.methods):
+            raise UserError("give --file SWEEP.toml, or --tasks and --methods")
+        sweep = SweepSpec(tasks=args.tasks, methods=args.methods, sparsities=args.sparsities or [None],
+                          seeds=args.seeds or [0])
+    flags = {"model": args.model, "data_dir": args.data_dir, "preset": args.preset, "train_limit": args.train_limit,
+             "eval_limit": args.eval_limit, "device": args.device}
+    sweep.run.update({k: v for k, v in flags.items() if v is not None})
+    train_flags = {"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size}
+    sweep.train.update({k: v for k, v in train_flags.items() if v is not None})
+    summary = run_sweep(sweep, args.output, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
+                        executor=args.executor, progress=not args.quiet)
+    print(f"sweep {args.output}: {summary['runs']} runs, {summary['skipped']} already done, "
+          f"{summary['done']} done now, {summary['failed']} failed")
+    if summary["failed"]:
+        raise UserError(f"{summary['failed']} run(s) failed; their error.json files say why; re-run to retry them")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+
+    for line in write_report(args.results, args.output, paper_csv=args.paper):
+        print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparse-ft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -104,6 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for result.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="a grid of (task, method, sparsity, seed) runs, resumable")
+    p.add_argument("--file", help="a TOML sweep file (keys: tasks, methods, sparsities, seeds, options, ...)")
+    p.add_argument("--tasks", type=_csv(str))
+    p.add_argument("--methods", type=_csv(str))
+    p.add_argument("--sparsities", type=_csv(float), help="comma list; 'default' = the method's own")
+    p.add_argument("--seeds", type=_csv(int))
+    for flag in ("--model", "--data-dir", "--preset", "--device"):
+        p.add_argument(flag)
+    for flag in ("--train-limit", "--eval-limit", "--max-steps", "--batch-size"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
+    p.add_argument("--jobs-per-gpu", type=int, default=1, help="runs sharing one GPU")
+    p.add_argument("--executor", choices=("local", "ray"), default="local")
+    p.add_argument("--output", required=True, help="results folder (one sub-folder per run)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="Table 1 (Markdown, CSV) and Figure 2 from a results folder")
+    p.add_argument("results", help="a folder of runs (as written by `sparse-ft sweep`)")
+    p.add_argument("--output", required=True, help="folder for table1.md, table1.csv, figure2.png, ...")
+    p.add_argument("--paper", help="the paper's Table 1 CSV, to print side by side")
+    p.set_defaults(func=cmd_report)
 
     sub.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
     sub.add_parser("methods", help="list the methods and their options").set_defaults(func=cmd_methods)

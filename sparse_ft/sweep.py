@@ -1,0 +1,241 @@
+"""Grids of (task, method, sparsity, seed) runs: resumable, parallel, and on Ray for clusters.
+
+Each run lives in its own folder ``ROOT/<task>/<method>/p<sparsity>/seed<seed>/`` holding
+``result.json`` (written atomically: a temp file renamed into place) or, when it failed,
+``error.json`` with the error. Re-running the same sweep skips every folder that has a
+``result.json``, so an interrupted sweep resumes and loses no finished run; a failure is recorded
+and does not stop the others, and is retried on the next invocation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UserError, check_range
+from .methods import get_method, make_method_config
+from .run import RESULT_FILE, RunSpec, execute, write_json_atomic
+from .tasks import get_task
+from .train import preset
+
+ERROR_FILE = "error.json"
+TRAIN_KEYS = ("max_steps", "lr", "batch_size", "eval_every", "max_length")
+RUN_KEYS = ("model", "data_dir", "preset", "train_limit", "eval_limit", "device")
+SWEEP_KEYS = ("tasks", "methods", "sparsities", "seeds", "options", *RUN_KEYS, *TRAIN_KEYS)
+
+
+@dataclass
+class SweepSpec:
+    """The grid: every task × method × sparsity × seed. A method that fixes its own sparsity (full,
+    bitfit) runs once per seed whatever ``sparsities`` says; ``None`` in ``sparsities`` means the
+    method's default."""
+
+    tasks: list[str]
+    methods: list[str]
+    sparsities: list[float | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    options: dict[str, dict] = field(default_factory=dict)  # method -> its options
+    run: dict = field(default_factory=dict)  # RunSpec fields shared by every run
+    train: dict = field(default_factory=dict)  # TrainConfig overrides shared by every run
+
+    def runs(self) -> list[RunSpec]:
+        specs, seen = [], set()
+        for task, method, sparsity, seed in itertools.product(self.tasks, self.methods, self.sparsities, self.seeds):
+            if not get_method(method).uses_sparsity:
+                sparsity = None
+            key = (task, method, sparsity, seed)
+            if key in seen:
+                continue
+            seen.add(key)
+            specs.append(RunSpec(task=task, method=method, sparsity=sparsity, seed=seed,
+                                 method_options=dict(self.options.get(method, {})),
+                                 train_overrides=dict(self.train), **self.run))
+        return specs
+
+
+def run_dir(root: Path, spec: RunSpec) -> Path:
+    p = "default" if spec.sparsity is None else f"{spec.sparsity:g}"
+    return Path(root) / spec.task / spec.method / f"p{p}" / f"seed{spec.seed}"
+
+
+def _line_of(text: str, key: str) -> int | None:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if re.match(rf"\s*(\[\s*)?{re.escape(key)}\b", line):
+            return lineno
+    return None
+
+
+def load_sweep_file(path: str | Path) -> SweepSpec:
+    """Read a TOML sweep file; every key, task, method and sparsity is checked before any run."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file {str(path)!r} does not exist")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise UserError(f"{path}:{_line_of(text, key)}: unknown key {key!r}; allowed: {', '.join(SWEEP_KEYS)}")
+    sweep = SweepSpec(
+        tasks=list(raw.get("tasks", [])), methods=list(raw.get("methods", [])),
+        sparsities=list(raw.get("sparsities", [None])), seeds=list(raw.get("seeds", [0])),
+        options=dict(raw.get("options", {})),
+        run={k: raw[k] for k in RUN_KEYS if k in raw}, train={k: raw[k] for k in TRAIN_KEYS if k in raw})
+    try:
+        validate(sweep)
+    except SweepError as exc:
+        line = _line_of(text, exc.key)
+        raise UserError(f"{path}:{line}: {exc}" if line else f"{path}: {exc}") from None
+    return sweep
+
+
+class SweepError(UserError):
+    """A bad sweep entry; ``key`` is the sweep-file key it came from."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def validate(sweep: SweepSpec) -> None:
+    """Reject an empty grid, an unknown task or method, or an invalid sparsity, before any run."""
+    checks = [
+        ("tasks", lambda: sweep.tasks or _fail("a sweep needs at least one task")),
+        ("methods", lambda: sweep.methods or _fail("a sweep needs at least one method")),
+        ("tasks", lambda: [get_task(t) for t in sweep.tasks]),
+        ("methods", lambda: [get_method(m) for m in sweep.methods]),
+        ("sparsities", lambda: [check_range("sparsity", p, 0.0, 1.0, low_open=True)
+                                for p in sweep.sparsities if p is not None]),
+        ("options", lambda: [make_method_config(m, None, **o) for m, o in sweep.options.items()]),
+        ("preset", lambda: preset(sweep.run.get("preset", "cpu"), **sweep.train)),
+    ]
+    for key, check in checks:
+        try:
+            check()
+        except UserError as exc:
+            key = next((k for k in TRAIN_KEYS if str(exc).startswith(k)), key)
+            raise SweepError(key, str(exc)) from None
+    for spec in sweep.runs():
+        spec.validate()
+
+
+def _fail(message: str):
+    raise UserError(message)
+
+
+def _execute_into(spec: RunSpec, folder: str, threads: int | None = None) -> dict:
+    """Run one spec and store result.json (or error.json); returns a status line for the parent."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = Path(folder)
+    start = time.time()
+    try:
+        result = execute(spec, progress=False, log=lambda msg: None)
+    except Exception as exc:  # noqa: BLE001 - a failed run is recorded, not fatal to the sweep
+        write_json_atomic(folder / ERROR_FILE, {"spec": dataclasses.asdict(spec), "error": f"{type(exc).__name__}: {exc}",
+                                                "traceback": traceback.format_exc()})
+        return {"folder": str(folder), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    write_json_atomic(folder / RESULT_FILE, result)
+    (folder / ERROR_FILE).unlink(missing_ok=True)
+    return {"folder": str(folder), "ok": True, "seconds": time.time() - start, "test": result["score"]["test"]}
+
+
+def _assign_devices(specs: list[RunSpec], jobs_per_gpu: int) -> tuple[list[RunSpec], int]:
+    """Spread runs over the visible GPUs (``jobs_per_gpu`` sharing each card); CPU runs unchanged."""
+    import torch
+
+    if not torch.cuda.is_available() or all(s.device == "cpu" for s in specs):
+        return specs, 0
+    gpus = torch.cuda.device_count()
+    placed = [dataclasses.replace(s, device=f"cuda:{i % gpus}") for i, s in enumerate(specs)]
+    return placed, gpus * jobs_per_gpu
+
+
+def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: int = 1, executor: str = "local",
+              progress: bool = True) -> dict:
+    """Run every unfinished run of ``sweep`` under ``root``; returns counts of done/skipped/failed."""
+    from tqdm.auto import tqdm
+
+    validate(sweep)
+    root = Path(root)
+    specs = sweep.runs()
+    todo = [s for s in specs if not (run_dir(root, s) / RESULT_FILE).exists()]
+    skipped = len(specs) - len(todo)
+    todo, gpu_workers = _assign_devices(todo, jobs_per_gpu)
+    workers = gpu_workers or jobs
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    statuses = []
+    bar = tqdm(total=len(todo), desc=f"sweep ({skipped} already done)", unit="run", disable=not progress)
+    if executor == "ray":
+        statuses = _run_ray(todo, root, jobs_per_gpu, threads, bar)
+    elif workers <= 1:
+        for spec in todo:
+            statuses.append(_execute_into(spec, str(run_dir(root, spec))))
+            bar.update(1)
+    else:
+        import multiprocessing
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_execute_into, s, str(run_dir(root, s)), threads) for s in todo]
+            for future in as_completed(futures):
+                statuses.append(future.result())
+                bar.update(1)
+    bar.close()
+    failed = [s for s in statuses if not s["ok"]]
+    for status in failed:
+        print(f"failed: {status['folder']}: {status['error']}", file=sys.stderr)
+    return {"runs": len(specs), "skipped": skipped, "done": len(statuses) - len(failed), "failed": len(failed)}
+
+
+def _run_ray(specs: list[RunSpec], root: Path, jobs_per_gpu: int, threads: int, bar) -> list[dict]:
+    """One Ray task per run; a GPU run asks for 1/jobs_per_gpu of a GPU."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("--executor ray needs Ray: pip install 'sparse-ft[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(_execute_into)
+    refs = []
+    for spec in specs:
+        gpu = 1.0 / jobs_per_gpu if spec.device.startswith("cuda") else 0
+        refs.append(remote.options(num_gpus=gpu, num_cpus=1).remote(spec, str(run_dir(root, spec)), threads))
+    statuses = []
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        statuses.append(ray.get(ready[0]))
+        bar.update(1)
+    return statuses
+
+
+def load_results(root: str | Path) -> tuple[list[dict], list[str]]:
+    """Every readable result.json under ``root``, and one line per corrupt one (never averaged)."""
+    results, problems = [], []
+    for path in sorted(Path(root).rglob(RESULT_FILE)):
+        try:
+            result = json.loads(path.read_text())
+            result["score"]["test"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            problems.append(f"{path}: unreadable result ({type(exc).__name__}), skipped")
+            continue
+        result["_path"] = str(path)
+        results.append(result)
+    return results, problems
