@@ -199,9 +199,30 @@ def featurize(examples: list[dict], featurizer: Featurizer, split: str = "") -> 
     return [featurizer(ex, f"{featurizer.task.name}/{split} example {i + 1}") for i, ex in enumerate(examples)]
 
 
+class SeededOrder(torch.utils.data.Sampler):
+    """Epoch e visits the examples in the order of a permutation of all n, seeded by (seed, e),
+    skipping the ``exclude``d ones. Leaving one example out therefore keeps the order of the others:
+    the data order that leave-one-out stability needs (A(Sⁱ) sees S's order with i removed)."""
+
+    def __init__(self, n: int, seed: int, exclude: frozenset[int] = frozenset()):
+        self.n, self.seed, self.exclude = n, seed, frozenset(exclude)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n - len(self.exclude)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        self.epoch += 1
+        return (i for i in torch.randperm(self.n, generator=generator).tolist() if i not in self.exclude)
+
+
 def make_loader(features: list[dict], collator: Collator, batch_size: int, *, shuffle: bool,
-                seed: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over featurized examples; the shuffle order is fixed by ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(features, batch_size=batch_size, shuffle=shuffle, collate_fn=collator,
-                      generator=generator, pin_memory=pin_memory)
+                seed: int = 0, pin_memory: bool = False, exclude: frozenset[int] = frozenset()) -> DataLoader:
+    """A DataLoader over featurized examples: in the seeded order of :class:`SeededOrder` when
+    ``shuffle``, else in file order; ``exclude``d examples are never visited."""
+    if shuffle:
+        sampler = SeededOrder(len(features), seed, exclude)
+    else:
+        sampler = [i for i in range(len(features)) if i not in exclude]
+    return DataLoader(features, batch_size=batch_size, sampler=sampler, collate_fn=collator, pin_memory=pin_memory)

@@ -90,7 +90,9 @@ class PreparedRun:
     context: BuildContext
 
 
-def prepare(spec: RunSpec) -> PreparedRun:
+def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun:
+    """Data, model and method context of a run; ``exclude`` leaves training examples out (by their
+    position in the training set after ``train_limit``), keeping the others' order."""
     spec.validate()
     task = get_task(spec.task)
     config = preset(spec.preset, **spec.train_overrides)
@@ -107,18 +109,19 @@ def prepare(spec: RunSpec) -> PreparedRun:
     pin = device.type == "cuda"
     loaders = {
         "train": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=True,
-                                      seed=seeds["data"], pin_memory=pin),
+                                      seed=seeds["data"], pin_memory=pin, exclude=exclude),
         **{name: data_mod.make_loader(features[name], collator, config.batch_size, shuffle=False, pin_memory=pin)
            for name in ("val", "test")},
         "selection": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=False,
-                                          pin_memory=pin),
+                                          pin_memory=pin, exclude=exclude),
     }
     model = build_task_model(task, spec.model, head_seed=seeds["head"])
 
     def selection_batches():
         return (to_device(batch, device) for batch in loaders["selection"])
 
-    context = BuildContext(selection_batches=selection_batches, mask_seed=seeds["mask"], device=device)
+    context = BuildContext(selection_batches=selection_batches, mask_seed=seeds["mask"], device=device,
+                           max_steps=config.max_steps)
     return PreparedRun(spec, task, model, tokenizer, config, device, features, loaders, context)
 
 
@@ -134,14 +137,21 @@ def build_tuned(run: PreparedRun):
     return method_config.build(run.model, run.context)
 
 
-def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
-    """Run one fine-tuning job and return its result dict (DESIGN §7)."""
-    wall_start = time.perf_counter()
-    run = prepare(spec)
+def fit(spec: RunSpec, exclude: frozenset[int] = frozenset(), progress: bool = True, log=print):
+    """Prepare, build and train: the algorithm A of the stability analysis (mask selection included).
+    Returns the prepared run, the trained tuned model and the training outcome."""
+    run = prepare(spec, exclude)
     tuned = build_tuned(run)
     log(tuned.describe())
     outcome = train(tuned, run.loaders["train"], run.loaders["val"], run.config, run.device,
                     seed=spec.seeds()["data"], progress=progress)
+    return run, tuned, outcome
+
+
+def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
+    """Run one fine-tuning job and return its result dict (DESIGN §7)."""
+    wall_start = time.perf_counter()
+    run, tuned, outcome = fit(spec, progress=progress, log=log)
     metrics = {name: evaluate(tuned, run.loaders[name], run.device, run.config.bf16) for name in ("val", "test")}
     report = tuned.sparsity_report()
     return {

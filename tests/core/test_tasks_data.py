@@ -106,3 +106,12 @@ def test_collator_pads_to_longest_in_batch_and_to_multiple(tokenizer):
     assert padded["input_ids"].shape[1] == 16
     reg = data_mod.Collator(tokenizer.pad_token_id, regression=True)(feats)
     assert reg["labels"].dtype == torch.float32
+
+
+def test_seeded_order_with_one_example_left_out_keeps_the_others_order():
+    full = data_mod.SeededOrder(20, seed=7)
+    loo = data_mod.SeededOrder(20, seed=7, exclude=frozenset({5}))
+    for _ in range(3):  # every epoch
+        a, b = list(full), list(loo)
+        assert b == [i for i in a if i != 5] and len(loo) == 19
+    assert list(data_mod.SeededOrder(20, seed=8)) != list(data_mod.SeededOrder(20, seed=7))
