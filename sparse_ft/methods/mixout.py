@@ -1,0 +1,256 @@
+"""Mixout (Lee, Cho and Kang 2020): dense fine-tuning that stochastically mixes θ with θ0.
+
+**Train-time swap** (``mode="train_swap"``, Lee et al.). In every training forward pass each affected
+weight ``w`` (pretrained value ``u``) is replaced by
+
+    mixout(w; u, r) = ((1 − M) ⊙ u + M ⊙ w − r·u) / (1 − r),   M_i ~ Bernoulli(1 − r) (keep),
+
+Lee et al.'s ``mixout(u, p)`` with p = r. Entries with M = 0 are *swapped* for u exactly (the
+code computes ``u + M ⊙ (w − u)/(1 − r)``, which is the same map and returns u bit-for-bit where M = 0),
+kept entries are rescaled around u, and ``E_M[mixout(w)] = w``. The gradient reaching w is
+``M/(1 − r)`` times the gradient of the mixed weight (autograd's exact one; Lee et al.'s hand-written
+backward drops the ``1/(1 − r)``, which Adam's normalisation all but cancels). At evaluation the
+weights are used as they are: the deployed model is dense. ``unit="entry"`` draws M per entry (DESIGN
+§5; element-wise, what the README of Lee et al.'s code calls mixconnect); ``unit="neuron"`` draws one
+M per input neuron of a 2-D weight and shares it over the rows, which is what Lee et al.'s own
+``mixout.py`` does (the outgoing weights of a neuron are swapped together). Lee et al. apply it to the
+Linear weights (their ``MixLinear``), biases and everything else training normally:
+``apply_to="linear"`` (the default for this mode); ``"all"`` mixes every backbone tensor. Lee et al.'s
+GLUE runs used r ∈ {0.7, 0.8, 0.9}; 0.9 is the default here. Their Hugging Face example also sets
+dropout to 0; sparse-ft leaves the backbone's dropout as configured.
+
+**Evaluation-time reset** (``mode="eval_reset"``, Fu et al.'s code: ``runner.py``, ``run_val``).
+Training is plain full fine-tuning; each time the model is switched to evaluation (every ``.eval()``
+call, so every validation pass and the final val and test passes, as the authors drew a fresh mask per
+``run_val``), a random r-portion of the entries of every affected tensor is reset to θ0 without
+rescaling. The authors reset every encoder tensor, so ``apply_to="all"`` is the default for this mode.
+The masks come from a generator seeded by the mask seed (DESIGN §4); the train-time masks of
+``train_swap`` come from torch's global generator, like dropout.
+
+**Sparsity.** In the paper's terms a fraction ≈ 1 − r of the entries carries a change, so
+``uses_sparsity``: ``--sparsity p`` sets ``r = 1 − p`` (it is an error to give a different ``ratio``
+as well). The report compares the *evaluated* model with θ0 exactly: for ``train_swap`` that is the
+dense θ, so ``changed`` ≈ m and ``budget`` = m (any entry may change: mixout regularises dense
+fine-tuning, it does not make it sparse); for ``eval_reset`` it is θ with the current reset applied,
+and ``budget`` = the entries not reset by the current mask (≈ (1 − r)·m for ``apply_to="all"``), so
+``changed ≤ budget`` always holds.
+
+**Implementation.** ``torch.nn.utils.parametrize`` on each affected tensor: the parametrisation holds
+the one device copy of θ0 for that tensor (a non-persistent buffer, kept out of checkpoints) and the
+current reset mask; tensors that are not mixed keep a CPU copy of θ0 for the count. Parametrised
+tensors appear as ``<module>.parametrizations.<name>.original``. :meth:`MixoutTuned.merge_into_dense`
+removes the parametrisations from a copy, leaving the weights that evaluation uses.
+
+Example::
+
+    >>> tuned = make_method_config("mixout", sparsity=0.1).build(task_model, BuildContext())  # r = 0.9
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..errors import UserError, check_range
+from ..models import TaskModel
+from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
+
+MODES = ("train_swap", "eval_reset")
+APPLY_TO = ("auto", "linear", "all")
+UNITS = ("entry", "neuron")
+DEFAULT_RATIO = 0.9
+
+
+@register
+@dataclass
+class MixoutConfig(MethodConfig):
+    """Mixout: swap weights for θ0 at random while training (Lee et al.), or reset an r-portion to θ0
+    at evaluation (the authors' code).
+
+    ``ratio``: r, the probability of taking θ0 (None: 1 − sparsity if given, else 0.9);
+    ``mode``: "train_swap" (Lee et al.) or "eval_reset" (Fu et al.'s code);
+    ``apply_to``: "linear" (Linear weights), "all" (every backbone tensor) or "auto" (linear for
+    train_swap, all for eval_reset); ``unit``: "entry" or "neuron" (train_swap: one draw per input
+    neuron of a 2-D weight, Lee et al.'s code).
+    """
+
+    name = "mixout"
+    uses_sparsity = True  # p = 1 - r: the expected fraction of entries that keep their change
+    citation = ("Lee, Cho and Kang 2020, Mixout: Effective Regularization to Finetune Large-scale "
+                "Pretrained Language Models (ICLR; arXiv 1909.11299)")
+    ratio: float | None = None
+    mode: str = "train_swap"
+    apply_to: str = "auto"
+    unit: str = "entry"
+
+    def __post_init__(self):
+        for option, value, allowed in (("mode", self.mode, MODES), ("apply_to", self.apply_to, APPLY_TO),
+                                       ("unit", self.unit, UNITS)):
+            if value not in allowed:
+                raise UserError(f"mixout {option} must be one of {allowed}, got {value!r}")
+        if self.ratio is not None:
+            check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        if self.apply_to == "auto":
+            self.apply_to = "linear" if self.mode == "train_swap" else "all"
+        if self.unit != "entry" and self.mode != "train_swap":
+            raise UserError("mixout unit='neuron' applies to mode='train_swap' only "
+                            "(eval_reset resets entries)")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "sparsity" and value is not None:  # make_method_config sets it after __init__
+            self.effective_ratio()  # fail early on a contradicting ratio
+
+    def effective_ratio(self) -> float:
+        """r from ``ratio``, else from ``sparsity`` (r = 1 − p), else the default 0.9."""
+        from_sparsity = None if self.sparsity is None else 1.0 - self.sparsity
+        if self.ratio is not None and from_sparsity is not None and abs(self.ratio - from_sparsity) > 1e-12:
+            raise UserError(f"mixout: ratio={self.ratio} contradicts sparsity={self.sparsity} "
+                            "(ratio = 1 - sparsity); give one of them")
+        ratio = next((r for r in (self.ratio, from_sparsity) if r is not None), DEFAULT_RATIO)
+        check_range("ratio", ratio, 0.0, 1.0, high_open=True)
+        return ratio
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "effective_ratio": self.effective_ratio()}
+
+    def build(self, model: TaskModel, context: BuildContext) -> MixoutTuned:
+        return MixoutTuned(model, self, context.mask_seed)
+
+
+class Mix(nn.Module):
+    """The parametrisation of one tensor: holds its θ0 and, in ``eval_reset`` mode, the reset mask."""
+
+    def __init__(self, theta0: torch.Tensor, ratio: float, mode: str, unit: str):
+        super().__init__()
+        self.ratio, self.mode, self.unit = ratio, mode, unit
+        self.register_buffer("theta0", theta0, persistent=False)
+        reset = torch.zeros_like(theta0, dtype=torch.bool) if mode == "eval_reset" else None
+        self.register_buffer("reset", reset, persistent=False)  # True: evaluated at θ0 (eval_reset)
+
+    def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """M ~ Bernoulli(1 − r), per entry or per input neuron (column) of a 2-D weight."""
+        shape = (1, weight.shape[1]) if self.unit == "neuron" and weight.dim() == 2 else weight.shape
+        return torch.rand(shape, device=weight.device) >= self.ratio
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.mode == "train_swap":
+            if not self.training or self.ratio == 0.0:
+                return weight
+            keep = self.keep_mask(weight)
+            return self.theta0 + keep * ((weight - self.theta0) / (1.0 - self.ratio))
+        if self.training:
+            return weight
+        return torch.where(self.reset, self.theta0, weight)
+
+    def extra_repr(self) -> str:
+        return f"ratio={self.ratio}, mode={self.mode}, unit={self.unit}"
+
+
+class MixoutTuned(TunedModel):
+    def __init__(self, model: TaskModel, config: MixoutConfig, mask_seed: int = 0):
+        super().__init__(model, config)
+        self.ratio = config.effective_ratio()
+        self.mask_seed = mask_seed
+        self.draws = 0  # evaluation-time reset masks drawn so far
+        model.requires_grad_(True)
+        linear_only = config.apply_to == "linear"
+        self._mixed: list[tuple[nn.Module, str]] = []
+        self._theta0_cpu: dict[str, torch.Tensor] = {}  # θ0 of the backbone tensors that are not mixed
+        self._orders: dict[str, list[str]] = {}  # parameter order of each mixed module, for the merge
+        for module_name, module in list(model.backbone.named_modules()):
+            self._orders[module_name] = [n for n, _ in module.named_parameters(recurse=False)]
+            for tensor_name, param in list(module.named_parameters(recurse=False)):
+                if not linear_only or (isinstance(module, nn.Linear) and tensor_name == "weight"):
+                    mix = Mix(param.detach().clone(), self.ratio, config.mode, config.unit)
+                    parametrize.register_parametrization(module, tensor_name, mix)
+                    self._mixed.append((module, tensor_name))
+                else:
+                    full_name = f"{module_name}.{tensor_name}" if module_name else tensor_name
+                    self._theta0_cpu[full_name] = param.detach().to("cpu", copy=True)
+        if config.mode == "eval_reset":
+            self.resample_reset()
+
+    def _mix(self, module: nn.Module, tensor_name: str) -> Mix:
+        return module.parametrizations[tensor_name][0]
+
+    @torch.no_grad()
+    def resample_reset(self) -> None:
+        """Draw a fresh reset mask (an r-portion of each mixed tensor, uniform) from the mask seed."""
+        self.draws += 1
+        generators: dict[torch.device, torch.Generator] = {}
+        for module, tensor_name in self._mixed:
+            mix = self._mix(module, tensor_name)
+            device = mix.theta0.device
+            if device not in generators:
+                generators[device] = torch.Generator(device=device)
+                generators[device].manual_seed(self.mask_seed * 1_000_003 + self.draws)
+            mix.reset = torch.rand(mix.theta0.shape, generator=generators[device], device=device) < self.ratio
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not mode and self.config.mode == "eval_reset":
+            self.resample_reset()  # a fresh reset per evaluation, as the authors' run_val
+        return self
+
+    @torch.no_grad()
+    def _counts(self) -> tuple[int, int]:
+        """(budget, changed) of the model that evaluation uses, against θ0, compared exactly."""
+        reset_mode = self.config.mode == "eval_reset"
+        budget = changed = 0
+        for module, tensor_name in self._mixed:
+            mix = self._mix(module, tensor_name)
+            differs = module.parametrizations[tensor_name].original != mix.theta0
+            if reset_mode:
+                differs &= ~mix.reset
+                budget += int((~mix.reset).sum())
+            else:
+                budget += mix.theta0.numel()
+            changed += int(differs.sum())
+        params = dict(self.model.backbone.named_parameters())
+        for name, theta0 in self._theta0_cpu.items():
+            budget += theta0.numel()
+            changed += int((params[name].detach().cpu() != theta0).sum())
+        return budget, changed
+
+    def sparsity_report(self) -> SparsityReport:
+        budget, changed = self._counts()
+        return SparsityReport(
+            backbone_params=self.backbone_params,
+            budget=budget,
+            changed=changed,
+            trainable=self.trainable_param_count(),
+            head_params=self.head_param_count(),
+        )
+
+    def describe(self) -> str:
+        config = self.config
+        return f"{config.name} (r={self.ratio}, {config.mode}, {config.apply_to}): {self.sparsity_report()}"
+
+    @torch.no_grad()
+    def merge_into_dense(self) -> TaskModel:
+        """A plain TaskModel holding the weights evaluation uses: θ for ``train_swap``; θ with the current
+        reset mask applied for ``eval_reset``. Parameter names and order are those of the pretrained model."""
+        dense = copy.deepcopy(self.model).eval()  # TaskModel.eval: no fresh reset is drawn
+        for name, module in list(dense.backbone.named_modules()):
+            if parametrize.is_parametrized(module):
+                _unparametrize(module, self._orders[name])
+        return dense.train(self.training).requires_grad_(True)
+
+
+def _unparametrize(module: nn.Module, order: list[str]) -> None:
+    """Replace each parametrised tensor of ``module`` by a plain Parameter holding its current value.
+
+    Not ``parametrize.remove_parametrizations``: a deep copy of a parametrised module shares its
+    generated class with the original, and removing the copy's parametrisation deletes the class's
+    properties, breaking the original too; it would also move the tensor to the end of the order.
+    """
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    plain = dict(module._parameters)
+    del module._modules["parametrizations"]
+    module.__class__ = module.__class__.__bases__[0]  # the class parametrize derived from
+    module._parameters = {n: plain[n] if n in plain else nn.Parameter(values[n]) for n in order}
