@@ -52,21 +52,41 @@ def budget_for(numel: int, sparsity: float) -> int:
     return int(sparsity * numel)
 
 
-def select_top_k(scores: dict[str, torch.Tensor], sparsity: float, scope: str = "per_tensor") -> dict[str, torch.Tensor]:
-    """Flat indices of the highest scores: the top ⌊p·numel⌋ of each tensor (``per_tensor``) or the
-    top ⌊p·m⌋ over all tensors together (``global``, m = Σ numel). Ties break by position."""
-    check_range("sparsity", sparsity, 0.0, 1.0, low_open=True)
+def check_scope(scope: str) -> None:
     if scope not in SCOPES:
         raise UserError(f"scope must be one of {SCOPES}, got {scope!r}")
+
+
+def scope_budget(numels: list[int], sparsity: float, scope: str) -> int:
+    """The budget of a selection: Σ_t ⌊p·numel_t⌋ (``per_tensor``) or ⌊p·m⌋, m = Σ_t numel_t (``global``)."""
+    check_scope(scope)
+    if scope == "global":
+        return budget_for(sum(numels), sparsity)
+    return sum(budget_for(n, sparsity) for n in numels)
+
+
+def _flat_scores(score: torch.Tensor) -> torch.Tensor:
+    """Scores keep their floating dtype (float64 scores, e.g. random ones, then have no ties)."""
+    flat = score.detach().reshape(-1)
+    return flat if flat.is_floating_point() else flat.float()
+
+
+def select_top_k(scores: dict[str, torch.Tensor], sparsity: float,
+                 scope: str = "per_tensor") -> dict[str, torch.Tensor]:
+    """Flat indices of the highest scores: the top ⌊p·numel⌋ of each tensor (``per_tensor``) or the
+    top ⌊p·m⌋ over all tensors together (``global``, m = Σ numel). Ties break arbitrarily but
+    deterministically; the indices of each tensor come sorted."""
+    check_range("sparsity", sparsity, 0.0, 1.0, low_open=True)
+    check_scope(scope)
     if scope == "per_tensor":
         chosen = {}
         for name, score in scores.items():
             k = budget_for(score.numel(), sparsity)
             if k:
-                chosen[name] = torch.topk(score.reshape(-1).float(), k, sorted=False).indices.sort().values
+                chosen[name] = torch.topk(_flat_scores(score), k, sorted=False).indices.sort().values
         return chosen
     names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    flat = torch.cat([_flat_scores(scores[n]) for n in names])
     k = budget_for(flat.numel(), sparsity)
     top = torch.topk(flat, k, sorted=False).indices.sort().values
     offsets = torch.tensor([0] + [scores[n].numel() for n in names]).cumsum(0)
@@ -131,18 +151,36 @@ class SparseDeltaTuned(TunedModel):
     def indices(self) -> dict[str, torch.Tensor]:
         return {name: delta.indices for name, delta in self._deltas.items()}
 
+    def theta0(self, name: str) -> torch.Tensor:
+        """θ0 of a parametrised backbone tensor (the frozen original under the parametrisation)."""
+        module, attr = _owner(self.model.backbone, name)
+        return module.parametrizations[attr].original
+
+    def _attach(self, name: str, parametrization: nn.Module) -> None:
+        """Parametrise backbone tensor ``name`` by ``parametrization(θ0)``; θ0 stays frozen."""
+        module, attr = _owner(self.model.backbone, name)
+        parametrize.register_parametrization(module, attr, parametrization)
+        module.parametrizations[attr].original.requires_grad_(False)
+
+    def _detach(self, name: str) -> None:
+        """Remove the parametrisation of ``name``: the tensor is θ0 again, frozen."""
+        module, attr = _owner(self.model.backbone, name)
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+        getattr(module, attr).requires_grad_(False)
+
     def dense_delta(self, name: str) -> torch.Tensor:
         """θ − θ0 of one tensor, dense."""
         delta = self._deltas[name]
-        module, attr = _owner(self.model.backbone, name)
-        theta0 = module.parametrizations[attr].original
+        theta0 = self.theta0(name)
         return torch.zeros(theta0.numel(), dtype=delta.values.dtype, device=theta0.device).index_add_(
             0, delta.indices, delta.values.detach()).view_as(theta0)
 
-    def set_indices(self, indices: dict[str, torch.Tensor]) -> None:
+    def set_indices(self, indices: dict[str, torch.Tensor],
+                    values: dict[str, torch.Tensor] | None = None) -> None:
         """Project onto new index sets: entries that stay keep their values, entries that leave the
         mask return to θ0, new entries start at θ0 (DESIGN §5, the projection of ChildPruning and
-        DiffPruning). The trainer must rebuild its optimizer afterwards."""
+        DiffPruning), unless ``values`` gives a tensor's new values (aligned with its indices).
+        The trainer must rebuild its optimizer afterwards."""
         backbone = self.model.backbone
         params = dict(backbone.named_parameters())
         unknown = set(indices) - set(params) - set(self._deltas)
@@ -150,11 +188,8 @@ class SparseDeltaTuned(TunedModel):
             raise UserError(f"mask names tensors the backbone does not have: {sorted(unknown)[:3]}")
         kept = {}
         for name in list(self._deltas):
-            old = self.dense_delta(name).reshape(-1)
-            kept[name] = old
-            module, attr = _owner(backbone, name)
-            parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-            getattr(module, attr).requires_grad_(False)
+            kept[name] = self.dense_delta(name).reshape(-1)
+            self._detach(name)
         self._deltas = {}
         for name, idx in indices.items():
             module, attr = _owner(backbone, name)
@@ -162,10 +197,12 @@ class SparseDeltaTuned(TunedModel):
             idx = idx.to(theta0.device, torch.long)
             if len(idx) and (int(idx.max()) >= theta0.numel() or int(idx.min()) < 0):
                 raise UserError(f"mask indices out of range for {name} ({theta0.numel()} entries)")
-            values = kept[name][idx] if name in kept else None
-            delta = SparseDelta(idx, values, dtype=theta0.dtype)
-            parametrize.register_parametrization(module, attr, delta)
-            module.parametrizations[attr].original.requires_grad_(False)
+            if values is not None and name in values:
+                start = values[name].to(theta0.device, theta0.dtype)
+            else:
+                start = kept[name][idx] if name in kept else None
+            delta = SparseDelta(idx, start, dtype=theta0.dtype)
+            self._attach(name, delta)
             self._deltas[name] = delta
 
     # -------------------------------------------------------------- accounting
@@ -175,9 +212,8 @@ class SparseDeltaTuned(TunedModel):
         total = 0
         for name, delta in self._deltas.items():
             module, attr = _owner(self.model.backbone, name)
-            theta0 = module.parametrizations[attr].original.reshape(-1)[delta.indices]
             theta = getattr(module, attr).reshape(-1)[delta.indices]
-            total += int((theta != theta0).sum())
+            total += int((theta != self.theta0(name).reshape(-1)[delta.indices]).sum())
         return total
 
     def sparsity_report(self) -> SparsityReport:
@@ -187,19 +223,23 @@ class SparseDeltaTuned(TunedModel):
 
     # -------------------------------------------------------------- merge, save, load
     def merge_into_dense(self) -> TaskModel:
-        """A plain TaskModel with θ = θ0 + scatter(I, v) written into its tensors."""
+        """A plain TaskModel with θ = θ0 + scatter(I, v) written into its tensors (parametrisations
+        are evaluated in eval mode, so a stochastic one gives its deterministic value)."""
         merged = copy.deepcopy(self.model)
+        merged.eval()
         for module in merged.modules():
             if parametrize.is_parametrized(module):
                 _freeze_parametrized(module)
-        return merged
+        return merged.train(self.model.training)
 
     def save(self, path: str, values: bool = True) -> None:
         """safetensors: indices (and values and the absolute head), the method config, θ0's fingerprint."""
         tensors = {f"{INDEX_PREFIX}{n}": d.indices.cpu().contiguous() for n, d in self._deltas.items()}
         if values:
-            tensors.update({f"values/{n}": d.values.detach().cpu().contiguous() for n, d in self._deltas.items()})
-            tensors.update({f"head/{n}": p.detach().cpu().contiguous() for n, p in self.model.head.state_dict().items()})
+            tensors.update({f"values/{n}": d.values.detach().cpu().contiguous()
+                            for n, d in self._deltas.items()})
+            tensors.update({f"head/{n}": p.detach().cpu().contiguous()
+                            for n, p in self.model.head.state_dict().items()})
         metadata = {"method": json.dumps(self.config.to_dict()), "fingerprint": self.fingerprint,
                     "budget": str(self.budget), "backbone_params": str(self.backbone_params)}
         save_file(tensors, path, metadata=metadata)
@@ -222,16 +262,15 @@ def _check_base(path: str, metadata: dict, model: TaskModel) -> None:
     expected = metadata.get("fingerprint")
     actual = backbone_fingerprint(model.backbone)
     if expected != actual:
-        raise UserError(f"{path!r} was made for another base model (fingerprint {expected}, this one {actual})")
+        raise UserError(f"{path!r} was made for another base model "
+                        f"(fingerprint {expected}, this one {actual})")
 
 
 def load_sparse_delta(path: str, model: TaskModel) -> SparseDeltaTuned:
     """Rebuild a saved tuned model (indices, values, head) on ``model``; refuses a different base."""
     tensors, metadata = _read(path)
     _check_base(path, metadata, model)
-    config_dict = json.loads(metadata["method"])
-    cls = get_method(config_dict.pop("name"))
-    config = cls(**config_dict)
+    config = _saved_config(metadata)
     indices = {k[len(INDEX_PREFIX):]: v for k, v in tensors.items() if k.startswith(INDEX_PREFIX)}
     tuned = SparseDeltaTuned(model, config, indices, int(metadata["budget"]))
     with torch.no_grad():
@@ -244,12 +283,25 @@ def load_sparse_delta(path: str, model: TaskModel) -> SparseDeltaTuned:
     return tuned
 
 
+def _saved_config(metadata: dict) -> MethodConfig:
+    config_dict = json.loads(metadata["method"])
+    return get_method(config_dict.pop("name"))(**config_dict)
+
+
 def load_mask_into(path: str, model: TaskModel, config: MethodConfig) -> SparseDeltaTuned:
-    """Train-from-mask: the index sets of a saved mask on ``model``, values at 0, the run's own head."""
+    """Train-from-mask: the index sets of a saved mask on ``model``, values at 0, the run's own head.
+
+    The tuned model carries the config the mask was selected with (its sparsity, scope, options);
+    a mask of another method than ``config``'s is refused.
+    """
     tensors, metadata = _read(path)
     _check_base(path, metadata, model)
+    saved = _saved_config(metadata)
+    if saved.name != config.name:
+        raise UserError(f"{path!r} holds a {saved.name!r} mask, not a {config.name!r} one; "
+                        f"pass --method {saved.name}")
     indices = {k[len(INDEX_PREFIX):]: v for k, v in tensors.items() if k.startswith(INDEX_PREFIX)}
-    return SparseDeltaTuned(model, config, indices, int(metadata["budget"]))
+    return SparseDeltaTuned(model, saved, indices, int(metadata["budget"]))
 
 
 @dataclass
@@ -260,20 +312,30 @@ class MaskMethodConfig(MethodConfig):
     sparsity: float | None = 0.005
     scope: str = "per_tensor"
 
+    def __post_init__(self):
+        check_scope(self.scope)
+
     def score(self, model: TaskModel, context: BuildContext) -> dict[str, torch.Tensor]:
-        """One non-negative score per backbone entry; higher means more worth tuning."""
+        """One score per backbone entry, for every backbone tensor; higher means more worth tuning."""
         raise NotImplementedError
+
+    def select_from_scores(self, scores: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+        """The top-k index sets of ``scores`` (one tensor per backbone tensor) and their budget."""
+        indices = select_top_k(scores, self.sparsity, self.scope)
+        return indices, scope_budget([s.numel() for s in scores.values()], self.sparsity, self.scope)
 
     def select(self, model: TaskModel, context: BuildContext) -> tuple[dict[str, torch.Tensor], int]:
         """The index sets and the budget they were chosen under."""
-        scores = self.score(model, context)
-        indices = select_top_k(scores, self.sparsity, self.scope)
-        if self.scope == "global":
-            budget = budget_for(sum(s.numel() for s in scores.values()), self.sparsity)
-        else:
-            budget = sum(budget_for(s.numel(), self.sparsity) for s in scores.values())
-        return indices, budget
+        return self.select_from_scores(self.score(model, context))
 
     def build(self, model: TaskModel, context: BuildContext) -> SparseDeltaTuned:
         indices, budget = self.select(model, context)
         return SparseDeltaTuned(model, self, indices, budget)
+
+
+# Imported before sparse_ft.methods, this module made the package defer its method modules (the mask
+# methods subclass the classes above); import them now. See sparse_ft/methods/__init__.py.
+from . import methods as _methods
+
+if _methods.deferred:
+    _methods.import_method_modules()

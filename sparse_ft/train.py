@@ -156,7 +156,7 @@ def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.de
         window_start = window_start or time.perf_counter()
         factor = linear_warmup_decay(step, warmup, config.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor
+            group["lr"] = config.lr * factor * group.get("lr_scale", 1.0)  # a method may scale a group
         with torch.autocast(**autocast):
             loss = tuned.loss(batch)
             penalty = tuned.regularization()
