@@ -73,6 +73,25 @@ def cmd_train(args) -> None:
     print(summary_line(result))
 
 
+def cmd_select(args) -> None:
+    from .delta import MaskMethodConfig, SparseDeltaTuned
+    from .methods import METHODS, make_method_config
+    from .run import prepare
+
+    spec = spec_from_args(args)
+    config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
+    if not isinstance(config, MaskMethodConfig):
+        masks = [n for n, cls in METHODS.items() if issubclass(cls, MaskMethodConfig)]
+        raise UserError(f"method {spec.method!r} has no mask to select; mask methods: {', '.join(masks)}")
+    run = prepare(spec)
+    indices, budget = config.select(run.model.to(run.device), run.context)
+    tuned = SparseDeltaTuned(run.model, config, indices, budget)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    tuned.save(args.output, values=False)
+    print(tuned.describe())
+    print(f"mask saved to {args.output}; train on it with `sparse-ft train ... --mask {args.output}`")
+
+
 def cmd_tasks(args) -> None:
     from .tasks import TASKS
 
@@ -133,6 +152,74 @@ def cmd_report(args) -> None:
         print(line)
 
 
+def _emit(payload: dict, text: str, json_path: str | None) -> None:
+    print(text)
+    if json_path:
+        from .run import write_json_atomic
+
+        write_json_atomic(Path(json_path), payload)
+
+
+def cmd_spectrum(args) -> None:
+    from .instruments import measure_selected
+
+    m = measure_selected(spec_from_args(args), examples=args.examples, lanczos_steps=args.lanczos_steps)
+    flag = "converged" if m.converged else "NOT converged: an unconverged lambda_min is too high"
+    text = (f"Hessian of the {m.loss_scale} on {m.examples} {args.task} training examples, restricted to the "
+            f"{m.dim:,} coordinates {args.method} tunes (at theta0):\n"
+            f"  lambda_max = {m.lambda_max:.6g}  (Ritz residual {m.residual_max:.2e})\n"
+            f"  lambda_min = {m.lambda_min:.6g}  (Ritz residual {m.residual_min:.2e})\n"
+            f"  {m.hvps} Hessian-vector products, {flag}")
+    _emit(m.to_dict(), text, args.json)
+
+
+def cmd_bounds(args) -> None:
+    from theory.bounds import generalization_bound, stability_bound
+
+    try:
+        s = stability_bound(args.rho, args.lambda_min, args.sparsity, args.n)
+        g = generalization_bound(args.risk, args.rho, args.lambda_min, args.sparsity, args.n, args.C, args.delta)
+    except ValueError as exc:  # the bounds check their ranges and say which one failed
+        raise UserError(str(exc)) from None
+    denom = args.lambda_min + 2 * (1 - args.sparsity)
+    note = "" if denom > 0 else f"  (vacuous: lambda_min + 2(1-p) = {denom:.4g} <= 0)"
+    text = (f"Theorem 1 stability bound 2 rho^2/((lambda_min + 2(1-p)) n) = {s:.6g}{note}\n"
+            f"Theorem 2 generalization bound = {g:.6g}  (R_hat={args.risk}, C={args.C}, delta={args.delta})")
+    _emit({"stability_bound": s, "generalization_bound": g, **{k: getattr(args, k) for k in
+          ("rho", "lambda_min", "sparsity", "n", "risk", "C", "delta")}}, text, args.json)
+
+
+def cmd_stability(args) -> None:
+    from theory.bounds import stability_bound
+
+    from .instruments import loo_stability, measure_selected
+
+    spec = spec_from_args(args)
+    estimate, n = loo_stability(spec, retrains=args.retrains, seed=args.seed)
+    m = measure_selected(spec, examples=min(n, args.examples))
+    bound = stability_bound(m.rho, m.lambda_min, m.sparsity, n)
+    verdict = "vacuous" if bound == float("inf") else ("holds" if estimate.epsilon <= bound else "violated")
+    text = (f"{args.method} on {args.task}, n = {n} training examples, p = {m.sparsity:.4g}\n"
+            f"  measured pointwise hypothesis stability eps_hat = {estimate.epsilon:.4g} "
+            f"(95% CI {estimate.ci_low:.4g}..{estimate.ci_high:.4g}, {args.retrains} leave-one-out retrains; "
+            f"same-seed noise floor {estimate.noise_floor:.3g})\n"
+            f"  rho_hat = {m.rho:.4g}, lambda_min = {m.lambda_min:.4g} (at theta0, {m.examples} examples)\n"
+            f"  Theorem 1 bound = {bound:.4g}: {verdict}  [scale: {m.loss_scale}]")
+    _emit({"epsilon": estimate.epsilon, "ci": [estimate.ci_low, estimate.ci_high], "noise_floor": estimate.noise_floor,
+           "bound": bound, "verdict": verdict, "n": n, "subspace": m.to_dict()}, text, args.json)
+
+
+def cmd_reproduce(args) -> None:
+    from .data import resolve_data_dir
+    from .reproduce import reproduce
+
+    paper = args.paper
+    folder = resolve_data_dir(args.data_dir)
+    if paper is None and folder is not None and (folder.parent / "paper_table1.csv").is_file():
+        paper = str(folder.parent / "paper_table1.csv")
+    reproduce(args.preset, args.output, data_dir=str(folder) if folder else None, paper_csv=paper)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparse-ft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -143,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for result.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("select", help="compute a mask method's mask without training and save it")
+    add_run_arguments(p)
+    p.add_argument("--output", required=True, help="the mask file (safetensors)")
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("sweep", help="a grid of (task, method, sparsity, seed) runs, resumable")
     p.add_argument("--file", help="a TOML sweep file (keys: tasks, methods, sparsities, seeds, options, ...)")
@@ -167,6 +259,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for table1.md, table1.csv, figure2.png, ...")
     p.add_argument("--paper", help="the paper's Table 1 CSV, to print side by side")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("spectrum", help="lambda_max, lambda_min of the Hessian on a method's tunable subspace")
+    add_run_arguments(p)
+    p.add_argument("--examples", type=int, default=16, help="training examples the Hessian averages over")
+    p.add_argument("--lanczos-steps", type=int, default=15)
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=cmd_spectrum)
+
+    p = sub.add_parser("stability", help="leave-one-out stability against the Theorem 1 bound")
+    add_run_arguments(p)
+    p.add_argument("--retrains", type=int, default=4, help="K: leave-one-out retrains")
+    p.add_argument("--examples", type=int, default=16, help="examples for rho and lambda_min")
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_stability)
+
+    p = sub.add_parser("bounds", help="evaluate the Theorem 1 and 2 bounds")
+    p.add_argument("--rho", type=float, required=True)
+    p.add_argument("--lambda-min", type=float, required=True)
+    p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--risk", type=float, default=0.0, help="empirical risk R_hat (Theorem 2)")
+    p.add_argument("--C", type=float, default=1.0, help="loss bound C (Theorem 2)")
+    p.add_argument("--delta", type=float, default=0.05)
+    p.add_argument("--json")
+    p.set_defaults(func=cmd_bounds)
+
+    p = sub.add_parser("reproduce", help="the paper's experiments: reduced Table 1, Figures 1-3, an index page")
+    p.add_argument("--preset", default="cpu", help="quick (minutes), cpu (~20 min, 2 cores), paper (GPU)")
+    p.add_argument("--data-dir", help="DIR/<task>/{train,val,test}.jsonl; default $SPARSE_FT_DATA, else the hub")
+    p.add_argument("--paper", help="the paper's Table 1 CSV for the side-by-side table "
+                                   "(default: DATA_DIR/../paper_table1.csv when it exists)")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_reproduce)
 
     sub.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
     sub.add_parser("methods", help="list the methods and their options").set_defaults(func=cmd_methods)

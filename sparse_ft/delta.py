@@ -9,8 +9,34 @@ scales with the budget ⌊mp⌋, not with m), and no update, weight decay includ
 outside the mask. Weight decay on v pulls θ towards θ0 on the mask, the ||θ − θ0||² term of the
 paper's relaxed objective.
 
-The parametrisation is :mod:`torch.nn.utils.parametrize`, so ``module.weight`` stays an ordinary
-tensor for the module's own forward; the gradient of v is the dense weight gradient gathered at I_t.
+**Storage.** The parametrisation is :mod:`torch.nn.utils.parametrize` (``module.weight`` stays an
+ordinary tensor for the module's own code; names ``<module>.parametrizations.<attr>.original`` and
+``...<attr>.0.values``). The ``original`` tensor holds θ itself, updated in place on I only: before
+a forward, wherever v changed since the last write, ``original[I] = θ0[I] + v`` with θ0[I] kept in
+the buffer ``theta0_at`` (k entries). Entries outside I are never written, so they stay θ0
+bit-for-bit, and θ[I] is the same floating-point sum θ0[I] + v as ``index_add``. No dense copy of θ is
+made per forward and no dense θ0 is kept besides the one tensor.
+
+**Gradient of v** (∂L/∂v_j = ∂L/∂θ_{I_j}), by the op that consumes θ:
+
+* ``nn.Linear`` weight, y = x Wᵀ + b over tokens t: ∂L/∂W_rc = Σ_t gy[t, r]·x[t, c]. Only the k entries
+  (r_j, c_j) are formed, a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm`` with the
+  CSR pattern of I), while dx = gy·W stays dense; a SparseDelta bias gets ∂L/∂b_r = Σ_t gy[t, r] at
+  its k rows. ``SparseDelta.linear_grad`` chooses: ``"sampled"`` (the SDDMM), ``"dense"`` (form the
+  dense dW with one GEMM, then gather), ``"auto"`` = sampled on CPU, dense on CUDA and inside
+  ``torch.compile`` (a tensor-core GEMM of these sizes beats cuSPARSE's SDDMM; the compiler needs
+  dense ops).
+* ``nn.Embedding`` weight, y_t = W[ids_t]: ∂L/∂W_rc = Σ_{t: ids_t = r} gy[t, c] (0 on ``padding_idx``),
+  summed per distinct id of the batch (sort, segment sums, binary search of the k rows): O(T·d + k log T)
+  with static shapes, where the dense gradient would be a |vocab| × d tensor.
+* anything else (biases under other modules, LayerNorm): the dense gradient the consumer forms,
+  gathered at I (these tensors are small).
+
+This path serves the module's own ``nn.Parameter`` values, i.e. training and evaluation. When the
+values are substituted (``torch.func.functional_call``, as :mod:`theory` does) or a torch.func
+transform is active, and whenever ``SparseDelta.fast_paths`` is False, θ is formed out of place as
+``index_put(θ_stored, I, θ0[I] + v)``, the definition itself, which every autograd mode (double
+backward, forward-over-reverse, vmap) differentiates; the in-place path is first-order only.
 """
 
 from __future__ import annotations
@@ -18,9 +44,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
@@ -28,23 +57,224 @@ from torch.nn.utils import parametrize
 from .errors import UserError, check_range
 from .methods.base import BuildContext, MethodConfig, SparsityReport, TunedModel, get_method
 from .models import TaskModel
+from .parametrized import unparametrize_copy
 
 SCOPES = ("per_tensor", "global")
 INDEX_PREFIX = "indices/"
+LINEAR_GRADS = ("auto", "sampled", "dense")
 
 
 class SparseDelta(nn.Module):
-    """θ = θ0 + scatter(indices, values) on the flattened tensor (a parametrisation of θ0)."""
+    """θ = θ0 + scatter(indices, values) on the flattened tensor: the parametrisation of one tensor,
+    whose stored ``original`` holds θ (see the module docstring)."""
 
-    def __init__(self, indices: torch.Tensor, values: torch.Tensor | None = None, dtype=torch.float32):
+    fast_paths: ClassVar[bool] = True  # False: always the out-of-place definition (tests, debugging)
+    linear_grad: ClassVar[str] = "auto"  # how a Linear weight's k gradient entries are formed
+
+    def __init__(self, theta0: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None = None):
         super().__init__()
-        self.register_buffer("indices", indices.to(torch.long))
-        init = torch.zeros(len(indices), dtype=dtype, device=indices.device) if values is None else values
-        self.values = nn.Parameter(init.detach().clone())
+        indices = indices.to(theta0.device, torch.long)
+        self.register_buffer("indices", indices)
+        self.register_buffer("theta0_at", theta0.detach().reshape(-1)[indices].clone())
+        init = torch.zeros(len(indices), dtype=theta0.dtype, device=theta0.device) if values is None else values
+        self.values = nn.Parameter(init.detach().to(theta0.dtype).clone())
+        self._written = None  # (weakref to the values written into the stored tensor, their version)
+        self._pattern = None  # (crow, col, zeros) of I's CSR pattern in a 2-D tensor, built on first use
 
-    def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        flat = torch.index_add(theta0.reshape(-1), 0, self.indices, self.values.to(theta0.dtype))
-        return flat.view_as(theta0)
+    def fast(self) -> bool:
+        """True when the in-place path applies: the module's own values, no torch.func transform."""
+        return (self.fast_paths and type(self.values) is nn.Parameter
+                and not torch._C._are_functorch_transforms_active())
+
+    @torch.no_grad()
+    def write(self, stored: torch.Tensor) -> torch.Tensor:
+        """Make ``stored`` hold θ: ``stored[I] = θ0[I] + v`` if v changed since the last write
+        (always inside ``torch.compile``, where the write becomes part of the graph); returns it."""
+        values = self.values
+        if torch.compiler.is_compiling():
+            stored.view(-1).index_copy_(0, self.indices, self.theta0_at + values)
+            return stored
+        last = self._written
+        if last is None or last[0]() is not values or last[1] != values._version:
+            stored.view(-1).index_copy_(0, self.indices, self.theta0_at + values)
+            self._written = (weakref.ref(values), values._version)
+        return stored
+
+    @torch.no_grad()
+    def restore(self, stored: torch.Tensor) -> None:
+        """Put θ0 back into ``stored`` (before the parametrisation is removed)."""
+        stored.view(-1).index_copy_(0, self.indices, self.theta0_at)
+        self._written = None
+
+    def theta0(self, stored: torch.Tensor) -> torch.Tensor:
+        """θ0 as a new dense tensor."""
+        return stored.detach().clone().view(-1).index_copy_(0, self.indices, self.theta0_at).view_as(stored)
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        if not self.fast():  # the definition, out of place: differentiable in every autograd mode
+            flat = stored.reshape(-1).index_put((self.indices,), self.theta0_at + self.values)
+            return flat.view_as(stored)
+        return _GatheredGrad.apply(self.write(stored), self.values, self.indices)
+
+    def pattern(self, shape: torch.Size) -> torch.Tensor:
+        """The CSR pattern (zero values) of I in a 2-D tensor of ``shape``: the SDDMM's sample set."""
+        device = self.indices.device
+        if self._pattern is None or self._pattern[0].device != device:  # dense parts: deep-copyable
+            rows, cols = self.indices // shape[1], self.indices % shape[1]
+            crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=device)
+            crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
+            self._pattern = (crow, cols, torch.zeros(len(cols), device=device))
+        return torch.sparse_csr_tensor(*self._pattern, tuple(shape), check_invariants=False)
+
+    def extra_repr(self) -> str:
+        return f"k={len(self.indices)}"
+
+
+class _GatheredGrad(torch.autograd.Function):
+    """θ (the stored tensor, returned as a view) with ∂L/∂v = (∂L/∂θ).flat[I]."""
+
+    @staticmethod
+    def forward(ctx, stored, values, indices):
+        ctx.save_for_backward(indices)
+        ctx.dtype = values.dtype
+        return stored.view_as(stored)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return None, grad.reshape(-1).index_select(0, indices).to(ctx.dtype), None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in (x's own dtype outside autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _SparseDeltaLinear(torch.autograd.Function):
+    """y = x Wᵀ + b with W (and b) stored tensors that hold θ; returns dx = gy·W, the k entries
+    ∂L/∂W_rc = Σ_t gy[t, r]·x[t, c] for W's values and Σ_t gy[t, r] for b's (see the module docstring).
+    Under autocast, x, W and b are cast as ``F.linear`` would be."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_values, w_indices, w_pattern, b_values, b_indices):
+        dtype = _compute_dtype(x)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, wc, w_indices, w_pattern, b_indices)
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, w_values.dtype,
+                      None if b_values is None else b_values.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, wc, w_indices, w_pattern, b_indices = ctx.saved_tensors
+        x_dtype, bias_dtype, wv_dtype, bv_dtype = ctx.dtypes
+        need = ctx.needs_input_grad
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        dx = dbias = dwv = dbv = None
+        if need[0]:
+            dx = (gy2.to(wc.dtype) @ wc).view(xc.shape).to(x_dtype)
+        if need[2]:
+            dbias = gy2.sum(0).to(bias_dtype)
+        if need[3]:
+            x2 = xc.reshape(-1, xc.shape[-1])
+            if w_pattern is not None:
+                dwv = torch.sparse.sampled_addmm(w_pattern, gy2.t().float().contiguous(), x2.float(),
+                                                 beta=0.0).values()
+            else:
+                dwv = (gy2.t() @ x2.to(gy2.dtype)).reshape(-1).index_select(0, w_indices)
+            dwv = dwv.to(wv_dtype)
+        if need[6]:
+            dbv = gy2.index_select(1, b_indices).float().sum(0).to(bv_dtype)
+        return dx, None, dbias, dwv, None, None, dbv, None
+
+
+def _embedding_grad_at(ids: torch.Tensor, gy: torch.Tensor, indices: torch.Tensor, width: int,
+                       padding_idx: int | None) -> torch.Tensor:
+    """∂L/∂W at the flat ``indices`` of an embedding table W (``width`` columns), for y_t = W[ids_t]:
+    Σ_{t: ids_t = r} gy[t, c] at (r, c); 0 on the padding row. Static shapes (no host sync)."""
+    ids, grad = ids.reshape(-1), gy.reshape(-1, width).float()
+    sorted_ids, order = torch.sort(ids)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    segment = starts.cumsum(0) - 1  # which distinct id each sorted token has
+    sums = torch.zeros_like(grad).index_add_(0, segment, grad.index_select(0, order))
+    rows, cols = indices // width, indices % width
+    first = torch.searchsorted(sorted_ids, rows).clamp_max(len(ids) - 1)  # first token with id ≥ row
+    hit = sorted_ids[first] == rows
+    if padding_idx is not None:
+        hit &= rows != padding_idx
+    return torch.where(hit, sums[segment[first], cols], 0.0)
+
+
+class _SparseDeltaEmbedding(torch.autograd.Function):
+    """y = W[ids] with W a stored tensor that holds θ; W's values get :func:`_embedding_grad_at`."""
+
+    @staticmethod
+    def forward(ctx, ids, weight, values, indices, padding_idx):
+        ctx.save_for_backward(ids, indices)
+        ctx.meta = (weight.shape[1], padding_idx, values.dtype)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, gy):
+        ids, indices = ctx.saved_tensors
+        width, padding_idx, dtype = ctx.meta
+        return None, None, _embedding_grad_at(ids, gy, indices, width, padding_idx).to(dtype), None, None
+
+
+def _delta_of(module: nn.Module, attr: str) -> SparseDelta | None:
+    """The SparseDelta parametrising ``module.<attr>``, if that is how it is parametrised."""
+    lists = module.parametrizations
+    if attr in lists and isinstance(lists[attr][0], SparseDelta):
+        return lists[attr][0]
+    return None
+
+
+def _linear_grad(device: torch.device) -> str:
+    mode = SparseDelta.linear_grad
+    if mode != "auto":
+        return mode
+    return "sampled" if device.type == "cpu" and not torch.compiler.is_compiling() else "dense"
+
+
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` of a Linear whose weight has a SparseDelta (see the module docstring)."""
+    w = _delta_of(self, "weight")
+    if w is None or not w.fast():
+        return F.linear(x, self.weight, self.bias)
+    weight = w.write(self.parametrizations.weight.original)
+    pattern = w.pattern(weight.shape) if _linear_grad(weight.device) == "sampled" else None
+    b = _delta_of(self, "bias") if self.bias is not None else None
+    if b is None:
+        return _SparseDeltaLinear.apply(x, weight, self.bias, w.values, w.indices, pattern, None, None)
+    bias = b.write(self.parametrizations.bias.original)
+    return _SparseDeltaLinear.apply(x, weight, bias, w.values, w.indices, pattern, b.values, b.indices)
+
+
+def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """``nn.Embedding.forward`` of an Embedding whose weight has a SparseDelta."""
+    w = _delta_of(self, "weight")
+    if w is None or not w.fast() or self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
+        return nn.Embedding.forward(self, ids)
+    weight = w.write(self.parametrizations.weight.original)
+    return _SparseDeltaEmbedding.apply(ids, weight, w.values, w.indices, self.padding_idx)
+
+
+SPARSE_FORWARDS = {nn.Linear: _linear_forward, nn.Embedding: _embedding_forward}
+
+
+def _use_sparse_forward(module: nn.Module) -> None:
+    """Give a parametrised Linear or Embedding the forward above. ``parametrize`` made a class for this
+    module alone (its base is the module's own class), so setting it there changes no other module; the
+    override goes with that class when the module is un-parametrised. Modules whose class overrides
+    ``forward`` keep it."""
+    own_class = type(module).__bases__[0]
+    for kind, forward in SPARSE_FORWARDS.items():
+        if isinstance(module, kind) and own_class.forward is kind.forward:
+            type(module).forward = forward
 
 
 def budget_for(numel: int, sparsity: float) -> int:
@@ -99,20 +329,6 @@ def select_top_k(scores: dict[str, torch.Tensor], sparsity: float,
     return chosen
 
 
-def _freeze_parametrized(module: nn.Module) -> None:
-    """Replace a deep-copied parametrised module's tensors by their current values.
-
-    ``parametrize.remove_parametrizations`` deletes the property from the module's dynamically made
-    class, which a deep copy shares with the original, so it would break the original model too;
-    here only the copy's instance is changed.
-    """
-    tensors = {attr: getattr(module, attr).detach().clone() for attr in module.parametrizations}
-    module.__class__ = module.__class__.__bases__[0]
-    del module.parametrizations
-    for attr, tensor in tensors.items():
-        module.register_parameter(attr, nn.Parameter(tensor, requires_grad=False))
-
-
 def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     module_name, _, attr = name.rpartition(".")
     return (root.get_submodule(module_name) if module_name else root), attr
@@ -144,6 +360,8 @@ class SparseDeltaTuned(TunedModel):
         self.fingerprint = backbone_fingerprint(model.backbone)
         model.backbone.requires_grad_(False)
         model.head.requires_grad_(True)
+        self._orders = {name: [n for n, _ in module.named_parameters(recurse=False)]  # for the merge
+                        for name, module in model.backbone.named_modules()}
         self._deltas: dict[str, SparseDelta] = {}
         self.set_indices(indices)
 
@@ -152,19 +370,26 @@ class SparseDeltaTuned(TunedModel):
         return {name: delta.indices for name, delta in self._deltas.items()}
 
     def theta0(self, name: str) -> torch.Tensor:
-        """θ0 of a parametrised backbone tensor (the frozen original under the parametrisation)."""
+        """θ0 of a parametrised backbone tensor: the frozen original under the parametrisation (a new
+        tensor for a SparseDelta, whose stored tensor holds θ)."""
         module, attr = _owner(self.model.backbone, name)
-        return module.parametrizations[attr].original
+        stored, delta = module.parametrizations[attr].original, _delta_of(module, attr)
+        return stored if delta is None else delta.theta0(stored)
 
     def _attach(self, name: str, parametrization: nn.Module) -> None:
         """Parametrise backbone tensor ``name`` by ``parametrization(θ0)``; θ0 stays frozen."""
         module, attr = _owner(self.model.backbone, name)
         parametrize.register_parametrization(module, attr, parametrization)
         module.parametrizations[attr].original.requires_grad_(False)
+        if isinstance(parametrization, SparseDelta):
+            _use_sparse_forward(module)
 
     def _detach(self, name: str) -> None:
         """Remove the parametrisation of ``name``: the tensor is θ0 again, frozen."""
         module, attr = _owner(self.model.backbone, name)
+        delta = _delta_of(module, attr)
+        if delta is not None:
+            delta.restore(module.parametrizations[attr].original)
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         getattr(module, attr).requires_grad_(False)
 
@@ -201,7 +426,7 @@ class SparseDeltaTuned(TunedModel):
                 start = values[name].to(theta0.device, theta0.dtype)
             else:
                 start = kept[name][idx] if name in kept else None
-            delta = SparseDelta(idx, start, dtype=theta0.dtype)
+            delta = SparseDelta(theta0, idx, start)
             self._attach(name, delta)
             self._deltas[name] = delta
 
@@ -213,7 +438,7 @@ class SparseDeltaTuned(TunedModel):
         for name, delta in self._deltas.items():
             module, attr = _owner(self.model.backbone, name)
             theta = getattr(module, attr).reshape(-1)[delta.indices]
-            total += int((theta != self.theta0(name).reshape(-1)[delta.indices]).sum())
+            total += int((theta != delta.theta0_at).sum())
         return total
 
     def sparsity_report(self) -> SparsityReport:
@@ -223,13 +448,14 @@ class SparseDeltaTuned(TunedModel):
 
     # -------------------------------------------------------------- merge, save, load
     def merge_into_dense(self) -> TaskModel:
-        """A plain TaskModel with θ = θ0 + scatter(I, v) written into its tensors (parametrisations
-        are evaluated in eval mode, so a stochastic one gives its deterministic value)."""
+        """A plain TaskModel with θ = θ0 + scatter(I, v) written into its tensors, in the pretrained
+        parameter order (parametrisations are evaluated in eval mode, so a stochastic one gives its
+        deterministic value)."""
         merged = copy.deepcopy(self.model)
         merged.eval()
-        for module in merged.modules():
+        for name, module in merged.backbone.named_modules():
             if parametrize.is_parametrized(module):
-                _freeze_parametrized(module)
+                unparametrize_copy(module, self._orders.get(name))
         return merged.train(self.model.training)
 
     def save(self, path: str, values: bool = True) -> None:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from theory.ranks import ScoreRow, load_paper_table
+from theory.stability import seed_variance_stability
+
 from .tasks import TASKS
 
 AVG = "avg"
@@ -31,8 +34,9 @@ class Cell:
 
     @property
     def std(self) -> float:
-        """Sample standard deviation over seeds (ddof=1); 0 for a single seed."""
-        return float(np.std(self.scores, ddof=1)) if len(self.scores) > 1 else 0.0
+        """Sample standard deviation over seeds (ddof=1, :func:`theory.stability.seed_variance_stability`);
+        0 for a single seed."""
+        return seed_variance_stability(self.scores) if len(self.scores) > 1 else 0.0
 
 
 @dataclass
@@ -115,15 +119,15 @@ def to_csv(table: Table) -> str:
     return out.getvalue()
 
 
-def load_paper_table(path: str | Path) -> dict[tuple[str, str], tuple[float, float]]:
-    """The paper's Table 1 CSV (``method,paper_name,task,mean,std``; '#' lines are comments)."""
-    with open(path) as handle:
-        rows = csv.DictReader(line for line in handle if not line.startswith("#"))
-        return {(r["method"], r["task"]): (float(r["mean"]), float(r["std"])) for r in rows}
+def score_rows(table: Table) -> list[ScoreRow]:
+    """The table as :class:`theory.ranks.ScoreRow` s, for the rank analysis of Figure 2."""
+    return [ScoreRow(row, task, *table.mean_std(row, task)) for row in table.rows for task in table.tasks
+            if table.mean_std(row, task) is not None]
 
 
-def comparison_markdown(table: Table, paper: dict[tuple[str, str], tuple[float, float]]) -> str:
+def comparison_markdown(table: Table, paper_rows: list[ScoreRow]) -> str:
     """Ours next to the paper's, per method and task, with the difference of the means."""
+    paper = {(r.method, r.task): (r.mean, r.std) for r in paper_rows}
     lines = ["| method | task | ours | paper (roberta-base, 10 seeds) | ours − paper |", "|---|---|---|---|---|"]
     for row in table.rows:
         method = row.split("@")[0]

@@ -62,6 +62,16 @@ class SweepSpec:
         return specs
 
 
+    def contains(self, result: dict) -> bool:
+        """Whether a stored result is one of this grid's runs (several grids may share a folder)."""
+        method = result.get("method")
+        if method not in self.methods or result.get("task") not in self.tasks or result.get("seed") not in self.seeds:
+            return False
+        wanted = [p for p in self.sparsities if p is not None]
+        return not (get_method(method).uses_sparsity and wanted) or any(
+            abs(float(result["sparsity"]) - p) < 1e-12 for p in wanted)
+
+
 def run_dir(root: Path, spec: RunSpec) -> Path:
     p = "default" if spec.sparsity is None else f"{spec.sparsity:g}"
     return Path(root) / spec.task / spec.method / f"p{p}" / f"seed{spec.seed}"

@@ -8,6 +8,7 @@ model. The trainer only talks to this interface, so a new method plugs in withou
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -142,11 +143,11 @@ class Theta0Snapshot:
         return sum(int((p.detach().cpu() != self.tensors[n]).sum()) for n, p in backbone.named_parameters())
 
 
-class TunedModel(nn.Module):
+class TunedModel(nn.Module, abc.ABC):
     """A task model whose backbone a method has made tunable in its own way.
 
-    Subclasses set which tensors train and implement :meth:`sparsity_report`; the other hooks have
-    defaults that suit most methods.
+    Subclasses set which tensors train and implement :meth:`sparsity_report` and
+    :meth:`merge_into_dense`; the other hooks have defaults that suit most methods.
     """
 
     def __init__(self, model: TaskModel, config: MethodConfig):
@@ -203,8 +204,16 @@ class TunedModel(nn.Module):
             raise RuntimeError(f"checkpoint does not fit this model: {sorted(missing)[:3]}")
         self.load_state_dict(state, strict=False)
 
+    @abc.abstractmethod
     def sparsity_report(self) -> SparsityReport:
-        raise NotImplementedError
+        """||θ − θ0||₀ against m, with the budget (DESIGN §5)."""
+
+    @abc.abstractmethod
+    def merge_into_dense(self) -> TaskModel:
+        """A plain :class:`~sparse_ft.models.TaskModel` (a copy; this model is left as it is) whose
+        backbone holds the weights this tuned model evaluates with: same logits in eval mode, no
+        parametrisation, LoRA wrapper or hook of the method left (an adapter is nonlinear, so its copy
+        keeps it as a submodule)."""
 
     def describe(self) -> str:
         """The trainable-parameter printout: method, trainable count, budget and realised sparsity."""

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+
+import torch
 
 from ..models import TaskModel
 from .base import BuildContext, MethodConfig, SparsityReport, Theta0Snapshot, TunedModel, register
@@ -35,3 +38,8 @@ class FullTuned(TunedModel):
             trainable=self.trainable_param_count(),
             head_params=self.head_param_count(),
         )
+
+    @torch.no_grad()
+    def merge_into_dense(self) -> TaskModel:
+        """A copy of the task model: full fine-tuning is dense already."""
+        return copy.deepcopy(self.model)

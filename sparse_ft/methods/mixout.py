@@ -39,7 +39,8 @@ and ``budget`` = the entries not reset by the current mask (≈ (1 − r)·m for
 the one device copy of θ0 for that tensor (a non-persistent buffer, kept out of checkpoints) and the
 current reset mask; tensors that are not mixed keep a CPU copy of θ0 for the count. Parametrised
 tensors appear as ``<module>.parametrizations.<name>.original``. :meth:`MixoutTuned.merge_into_dense`
-removes the parametrisations from a copy, leaving the weights that evaluation uses.
+removes the parametrisations from a copy (:func:`sparse_ft.parametrized.unparametrize_copy`), leaving
+the weights that evaluation uses.
 
 Example::
 
@@ -57,6 +58,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import UserError, check_range
 from ..models import TaskModel
+from ..parametrized import unparametrize_copy
 from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
 
 MODES = ("train_swap", "eval_reset")
@@ -238,19 +240,6 @@ class MixoutTuned(TunedModel):
         dense = copy.deepcopy(self.model).eval()  # TaskModel.eval: no fresh reset is drawn
         for name, module in list(dense.backbone.named_modules()):
             if parametrize.is_parametrized(module):
-                _unparametrize(module, self._orders[name])
+                unparametrize_copy(module, self._orders[name])
         return dense.train(self.training).requires_grad_(True)
 
-
-def _unparametrize(module: nn.Module, order: list[str]) -> None:
-    """Replace each parametrised tensor of ``module`` by a plain Parameter holding its current value.
-
-    Not ``parametrize.remove_parametrizations``: a deep copy of a parametrised module shares its
-    generated class with the original, and removing the copy's parametrisation deletes the class's
-    properties, breaking the original too; it would also move the tensor to the end of the order.
-    """
-    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
-    plain = dict(module._parameters)
-    del module._modules["parametrizations"]
-    module.__class__ = module.__class__.__bases__[0]  # the class parametrize derived from
-    module._parameters = {n: plain[n] if n in plain else nn.Parameter(values[n]) for n in order}
