@@ -13,6 +13,7 @@ where it stopped. Presets size the work:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -99,11 +100,13 @@ def estimated_cost(plan: Plan) -> str:
             f"before evaluation; use `sparse-ft sweep --jobs-per-gpu` or `--executor ray` to share or spread it")
 
 
-def reproduce(preset_name: str, output: str | Path, data_dir=None, paper_csv=None, log=print) -> Path:
-    """Run every stage of ``preset_name`` into ``output`` and write ``output/index.md``."""
+def reproduce(preset_name: str, output: str | Path, data_dir=None, paper_csv=None, model: str | None = None,
+              log=print) -> Path:
+    """Run every stage of ``preset_name`` into ``output`` and write ``output/index.md``; ``model``
+    replaces the preset's model (any hub id or local folder)."""
     if preset_name not in PLANS:
         raise UserError(f"unknown reproduce preset {preset_name!r}; presets: {', '.join(PLANS)}")
-    plan = PLANS[preset_name]
+    plan = dataclasses.replace(PLANS[preset_name], model=model or PLANS[preset_name].model)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     if preset_name == "paper":
