@@ -18,8 +18,8 @@ SHARED_DATA = Path(os.environ.get("SPARSE_FT_DATA", Path(__file__).resolve().par
 def tiny_config(vocab_size: int = 30522, **overrides):
     from transformers import BertConfig
 
-    settings = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                    vocab_size=vocab_size, max_position_embeddings=512, attn_implementation="eager")
+    settings = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 37,
+                    "vocab_size": vocab_size, "max_position_embeddings": 512, "attn_implementation": "eager"}
     settings.update(overrides)
     return BertConfig(**settings)
 

@@ -82,7 +82,7 @@ def test_bad_data_gives_file_and_line(tiny_model_dir, tmp_path, capsys):
 def test_subprocess_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sparse_ft.cli", "train", "--task", "cb", "--method", "full",
                            "--data-dir", str(tmp_path / "missing"), "--output", str(tmp_path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"sparse-ft: error: data folder '{tmp_path / 'missing'}' does not exist"
 

@@ -43,8 +43,8 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 
 def _small_config(**kw):
-    settings = dict(batch_size=4, lr=3e-3, eval_every=5, patience=100, min_steps=0, max_steps=30, check_every=5,
-                    warmup_ratio=0.0)
+    settings = {"batch_size": 4, "lr": 3e-3, "eval_every": 5, "patience": 100, "min_steps": 0, "max_steps": 30, "check_every": 5,
+                    "warmup_ratio": 0.0}
     settings.update(kw)
     return TrainConfig(**settings)
 
