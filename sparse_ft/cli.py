@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -46,6 +45,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (CUDA graphs and fused AdamW on CUDA, length buckets); "
+                        "default: the preset's (paper: on CUDA only)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -o scope=global (see `sparse-ft methods`)")
 
@@ -54,6 +56,8 @@ def spec_from_args(args):
     from .run import RunSpec
 
     overrides = {k: getattr(args, k) for k in ("max_steps", "batch_size", "lr", "eval_every", "max_length")}
+    if getattr(args, "compile", None) is not None:
+        overrides["compile"] = "on" if args.compile else "off"
     return RunSpec(
         task=args.task, method=args.method, sparsity=args.sparsity, model=args.model, data_dir=args.data_dir,
         seed=args.seed, head_seed=args.head_seed, mask_seed=args.mask_seed, preset=args.preset,
@@ -217,7 +221,7 @@ def cmd_reproduce(args) -> None:
     folder = resolve_data_dir(args.data_dir)
     if paper is None and folder is not None and (folder.parent / "paper_table1.csv").is_file():
         paper = str(folder.parent / "paper_table1.csv")
-    reproduce(args.preset, args.output, data_dir=str(folder) if folder else None, paper_csv=paper)
+    reproduce(args.preset, args.output, data_dir=str(folder) if folder else None, paper_csv=paper, model=args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="DIR/<task>/{train,val,test}.jsonl; default $SPARSE_FT_DATA, else the hub")
     p.add_argument("--paper", help="the paper's Table 1 CSV for the side-by-side table "
                                    "(default: DATA_DIR/../paper_table1.csv when it exists)")
+    p.add_argument("--model", help="replace the preset's model (a hub id or a local folder)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_reproduce)
 
@@ -298,20 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    from .run import quiet_libraries
+
+    quiet_libraries()
     try:
         args.func(args)
     except UserError as exc:

@@ -22,7 +22,7 @@ from .errors import UserError, check_range
 from .methods import BuildContext, make_method_config
 from .models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer
 from .tasks import REGRESSION, get_task
-from .train import evaluate, peak_memory_mb, preset, to_device, train
+from .train import compiles, evaluate, peak_memory_mb, preset, to_device, train
 
 RESULT_FILE = "result.json"
 
@@ -58,6 +58,15 @@ class RunSpec:
         if self.eval_limit is not None:
             check_range("eval_limit", self.eval_limit, 1)
         preset(self.preset, **self.train_overrides)
+
+
+def quiet_libraries() -> None:
+    """No load reports or progress bars from transformers; no tokenizer thread pools in workers."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,7 +114,8 @@ def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun
     tokenizer = load_tokenizer(spec.model)
     featurizer = data_mod.Featurizer(task, tokenizer, config.max_length)
     features = {name: data_mod.featurize(examples, featurizer, name) for name, examples in splits.items()}
-    collator = data_mod.Collator(tokenizer.pad_token_id, regression=task.kind == REGRESSION)
+    buckets = data_mod.length_buckets(config.max_length) if compiles(config, device) else None  # few shapes
+    collator = data_mod.Collator(tokenizer.pad_token_id, regression=task.kind == REGRESSION, buckets=buckets)
     pin = device.type == "cuda"
     loaders = {
         "train": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=True,
@@ -157,7 +167,7 @@ def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
     return {
         "task": spec.task,
         "method": spec.method,
-        "sparsity": spec.sparsity if spec.sparsity is not None else report.realized,
+        "sparsity": spec.sparsity if spec.sparsity is not None else report.budget / report.backbone_params,
         "seed": spec.seed,
         "seeds": spec.seeds(),
         "model": spec.model,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import UserError, check_range
 from .methods import get_method, make_method_config
-from .run import RESULT_FILE, RunSpec, execute, write_json_atomic
+from .run import RESULT_FILE, RunSpec, execute, quiet_libraries, write_json_atomic
 from .tasks import get_task
 from .train import preset
 
@@ -154,6 +154,7 @@ def _execute_into(spec: RunSpec, folder: str, threads: int | None = None) -> dic
 
     if threads:
         torch.set_num_threads(threads)
+    quiet_libraries()
     folder = Path(folder)
     start = time.time()
     try:
