@@ -30,7 +30,7 @@ from .train import preset
 ERROR_FILE = "error.json"
 TRAIN_KEYS = ("max_steps", "lr", "batch_size", "eval_every", "max_length")
 RUN_KEYS = ("model", "data_dir", "preset", "train_limit", "eval_limit", "device")
-SWEEP_KEYS = ("tasks", "methods", "sparsities", "seeds", "options", *RUN_KEYS, *TRAIN_KEYS)
+SWEEP_KEYS = ("tasks", "methods", "sparsities", "seeds", "options", "train_by_method", *RUN_KEYS, *TRAIN_KEYS)
 
 
 @dataclass
@@ -46,6 +46,7 @@ class SweepSpec:
     options: dict[str, dict] = field(default_factory=dict)  # method -> its options
     run: dict = field(default_factory=dict)  # RunSpec fields shared by every run
     train: dict = field(default_factory=dict)  # TrainConfig overrides shared by every run
+    train_by_method: dict[str, dict] = field(default_factory=dict)  # method -> overrides on top of ``train``
 
     def runs(self) -> list[RunSpec]:
         specs, seen = [], set()
@@ -58,7 +59,8 @@ class SweepSpec:
             seen.add(key)
             specs.append(RunSpec(task=task, method=method, sparsity=sparsity, seed=seed,
                                  method_options=dict(self.options.get(method, {})),
-                                 train_overrides=dict(self.train), **self.run))
+                                 train_overrides={**self.train, **self.train_by_method.get(method, {})},
+                                 **self.run))
         return specs
 
 
@@ -104,7 +106,7 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
     sweep = SweepSpec(
         tasks=list(raw.get("tasks", [])), methods=list(raw.get("methods", [])),
         sparsities=list(raw.get("sparsities", [None])), seeds=list(raw.get("seeds", [0])),
-        options=dict(raw.get("options", {})),
+        options=dict(raw.get("options", {})), train_by_method=dict(raw.get("train_by_method", {})),
         run={k: raw[k] for k in RUN_KEYS if k in raw}, train={k: raw[k] for k in TRAIN_KEYS if k in raw})
     try:
         validate(sweep)
@@ -133,6 +135,8 @@ def validate(sweep: SweepSpec) -> None:
                                 for p in sweep.sparsities if p is not None]),
         ("options", lambda: [make_method_config(m, None, **o) for m, o in sweep.options.items()]),
         ("preset", lambda: preset(sweep.run.get("preset", "cpu"), **sweep.train)),
+        ("train_by_method", lambda: [(get_method(m), preset(sweep.run.get("preset", "cpu"), **{**sweep.train, **o}))
+                                     for m, o in sweep.train_by_method.items()]),
     ]
     for key, check in checks:
         try:
