@@ -8,8 +8,9 @@ that k-vector, never on the masked full space, whose (1-p)m exact zeros would pi
 
 * ``None``: every parameter with ``requires_grad`` (in ``model.named_parameters()`` order);
 * a list of parameter names: those tensors, whole, in the given order;
-* a dict ``name -> bool mask`` (mask of the parameter's shape; ``True`` = tunable): the selected
-  entries of each tensor, in the dict's order and row-major order within a tensor.
+* a dict ``name -> bool mask`` (mask of the parameter's shape; ``True`` = tunable; ``None`` = the whole
+  tensor, e.g. a task head): the selected entries of each tensor, in the dict's order and row-major
+  order within a tensor.
 
 Example::
 
@@ -74,8 +75,10 @@ class Subspace:
                     f"got {mask.dtype} {tuple(mask.shape)}"
                 )
             self.indices.append(mask.reshape(-1).nonzero().squeeze(1).to(named[name].device))
-        self.sizes = [p.numel() if idx is None else idx.numel() for p, idx in
-                      zip((named[n] for n in self.names), self.indices)]
+        self.sizes = [
+            p.numel() if idx is None else idx.numel()
+            for p, idx in zip((named[n] for n in self.names), self.indices)
+        ]
         self.dim = sum(self.sizes)
         if self.dim == 0:
             raise ValueError("the masks select no entry: the tunable subspace is empty")
@@ -93,12 +96,15 @@ class Subspace:
         for name, idx in zip(self.names, self.indices):
             flat = source[name].detach().reshape(-1)
             chunks.append(flat if idx is None else flat[idx])
-        return torch.cat(chunks).to(self.dtype)
+        return torch.cat(chunks)
 
     def assemble(self, x: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None) -> dict:
-        """Parameter tensors (keyed by name) with the tunable coordinates taken from ``x``."""
+        """Parameter tensors (keyed by name) with the tunable coordinates taken from ``x``; with a
+        ``state`` (checkpoint), its other parameters and its buffers are used too."""
         base = self._base(state)
         tensors = {n: t.detach() for n, t in base.items()}
+        if state is not None:
+            tensors.update({n: state[n] for n, _ in self._model.named_buffers() if n in state})
         for name, shape, idx, chunk in zip(self.names, self.shapes, self.indices, x.split(self.sizes)):
             if idx is None:
                 tensors[name] = chunk.view(shape)
@@ -112,11 +118,11 @@ class Subspace:
 
     def _base(self, state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         tensors = dict(self._model.named_parameters())
-        if state is not None:
-            for name in tensors:
-                if name in state:
-                    tensors[name] = state[name].to(device=tensors[name].device, dtype=tensors[name].dtype)
-        return tensors
+        if state is None:
+            return tensors
+        return {
+            n: state[n].to(device=t.device, dtype=t.dtype) if n in state else t for n, t in tensors.items()
+        }
 
 
 class _LossModule(nn.Module):
@@ -147,7 +153,9 @@ def default_batch_size(batch: Any) -> int:
     of a dict / first tensor element of a tuple or list."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0])
-    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    values = (
+        batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    )
     for value in values:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
@@ -177,3 +185,27 @@ def eval_mode(model: nn.Module):
     finally:
         for module, flag in flags.items():
             module.training = flag
+
+
+def example_dims(batch: Any, size: int) -> Any:
+    """``in_dims`` for ``torch.func.vmap`` over the examples of a batch: 0 for every tensor whose first
+    dimension is the batch size, None for anything else (same structure as the batch: a tensor, a
+    mapping or a tuple/list of leaves)."""
+
+    def dim(value: Any) -> int | None:
+        return 0 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size else None
+
+    if isinstance(batch, Mapping):
+        return {key: dim(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(dim(value) for value in batch)
+    return dim(batch)
+
+
+def map_examples(batch: Any, dims: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to the per-example leaves (those with dim 0 in ``dims``), keep the others."""
+    if isinstance(batch, Mapping):
+        return {key: fn(value) if dims[key] == 0 else value for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(fn(value) if d == 0 else value for value, d in zip(batch, dims))
+    return fn(batch) if dims == 0 else batch
