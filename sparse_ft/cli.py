@@ -178,39 +178,32 @@ def cmd_spectrum(args) -> None:
 
 
 def cmd_bounds(args) -> None:
-    from theory.bounds import generalization_bound, stability_bound
+    from theory.bounds import generalization_bound_report, stability_bound_report
 
-    try:
-        s = stability_bound(args.rho, args.lambda_min, args.sparsity, args.n)
-        g = generalization_bound(args.risk, args.rho, args.lambda_min, args.sparsity, args.n, args.C, args.delta)
-    except ValueError as exc:  # the bounds check their ranges and say which one failed
+    try:  # the bounds check their inputs' ranges and say which one failed
+        reports = [stability_bound_report(args.rho, args.lambda_min, args.sparsity, args.n),
+                   generalization_bound_report(args.risk, args.rho, args.lambda_min, args.sparsity, args.n,
+                                               args.C, args.delta)]
+    except ValueError as exc:
         raise UserError(str(exc)) from None
-    denom = args.lambda_min + 2 * (1 - args.sparsity)
-    note = "" if denom > 0 else f"  (vacuous: lambda_min + 2(1-p) = {denom:.4g} <= 0)"
-    text = (f"Theorem 1 stability bound 2 rho^2/((lambda_min + 2(1-p)) n) = {s:.6g}{note}\n"
-            f"Theorem 2 generalization bound = {g:.6g}  (R_hat={args.risk}, C={args.C}, delta={args.delta})")
-    _emit({"stability_bound": s, "generalization_bound": g, **{k: getattr(args, k) for k in
-          ("rho", "lambda_min", "sparsity", "n", "risk", "C", "delta")}}, text, args.json)
+    _emit({"bounds": [r.to_dict() for r in reports]}, "\n".join(map(str, reports)), args.json)
 
 
 def cmd_stability(args) -> None:
-    from theory.bounds import stability_bound
+    from theory.bounds import check_stability
 
     from .instruments import loo_stability, measure_selected
 
     spec = spec_from_args(args)
     estimate, n = loo_stability(spec, retrains=args.retrains, seed=args.seed)
     m = measure_selected(spec, examples=min(n, args.examples))
-    bound = stability_bound(m.rho, m.lambda_min, m.sparsity, n)
-    verdict = "vacuous" if bound == float("inf") else ("holds" if estimate.epsilon <= bound else "violated")
-    text = (f"{args.method} on {args.task}, n = {n} training examples, p = {m.sparsity:.4g}\n"
-            f"  measured pointwise hypothesis stability eps_hat = {estimate.epsilon:.4g} "
-            f"(95% CI {estimate.ci_low:.4g}..{estimate.ci_high:.4g}, {args.retrains} leave-one-out retrains; "
-            f"same-seed noise floor {estimate.noise_floor:.3g})\n"
-            f"  rho_hat = {m.rho:.4g}, lambda_min = {m.lambda_min:.4g} (at theta0, {m.examples} examples)\n"
-            f"  Theorem 1 bound = {bound:.4g}: {verdict}  [scale: {m.loss_scale}]")
-    _emit({"epsilon": estimate.epsilon, "ci": [estimate.ci_low, estimate.ci_high], "noise_floor": estimate.noise_floor,
-           "bound": bound, "verdict": verdict, "n": n, "subspace": m.to_dict()}, text, args.json)
+    check = check_stability(estimate.epsilon, m.rho, m.lambda_min, m.sparsity, n,
+                            ci=(estimate.ci_low, estimate.ci_high))
+    text = (f"{args.method} on {args.task}: {n} training examples, {args.retrains} leave-one-out retrains "
+            f"(same-seed noise floor {estimate.noise_floor:.3g}); rho_hat and lambda_min measured at theta0 on "
+            f"{m.examples} examples (lambda_min residual {m.residual_min:.2g}, "
+            f"{'converged' if m.converged else 'NOT converged'})\n{check}")
+    _emit({"stability": estimate.to_dict(), "check": check.to_dict(), "subspace": m.to_dict()}, text, args.json)
 
 
 def cmd_reproduce(args) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from theory.bounds import stability_bound
+from theory.bounds import BoundReport, stability_bound_report
 from theory.hessian import HessianOperator
 from theory.lanczos import lanczos
 from theory.lipschitz import per_sample_grad_norms
@@ -63,7 +63,7 @@ class SubspaceMeasurement:
     hvps: int
     rho: float
     n_train: int
-    bound: float
+    bound: BoundReport  # Theorem 1 with its assumptions checked
     loss_scale: str = "mean loss over the measured examples, eval mode"
 
     def to_dict(self) -> dict:
@@ -85,7 +85,7 @@ def measure_subspace(tuned, batches: list[dict], sparsity: float, n_train: int, 
         method=tuned.config.name, sparsity=sparsity, dim=op.dim, examples=examples,
         lambda_max=result.lambda_max, lambda_min=result.lambda_min, residual_max=result.residual_max,
         residual_min=result.residual_min, converged=result.converged, hvps=result.num_matvecs, rho=rho,
-        n_train=n_train, bound=stability_bound(rho, result.lambda_min, sparsity, n_train))
+        n_train=n_train, bound=stability_bound_report(rho, result.lambda_min, sparsity, n_train))
 
 
 def measure_selected(spec: RunSpec, examples: int, lanczos_steps: int = 15) -> SubspaceMeasurement:

@@ -196,7 +196,8 @@ def plot_sparsity_effect(points: list[dict], path: str | Path, title: str = "") 
     """Figure 3: test mean ± std against sparsity p (log x), and on a second axis the Theorem 1 bound
     and the measured leave-one-out stability where they were computed.
 
-    ``points``: dicts with ``sparsity``, ``mean``, ``std`` and optionally ``bound``, ``stability``.
+    ``points``: dicts with ``sparsity``, ``mean``, ``std`` and optionally ``bound``, ``bound_formula`` (the
+    formula's value when an assumption failed, drawn apart and labelled so), ``stability``.
     """
     plt = _pyplot()
     points = sorted(points, key=lambda p: p["sparsity"])
@@ -207,9 +208,12 @@ def plot_sparsity_effect(points: list[dict], path: str | Path, title: str = "") 
     ax.set_xscale("log")
     ax.set_xlabel("sparsity p (fraction of backbone parameters tuned)")
     ax.set_ylabel("test score (×100)", color="tab:blue")
-    extra = [(k, label, c) for k, label, c in (("bound", "Theorem 1 bound", "tab:red"),
-                                               ("stability", "measured LOO stability ε̂", "tab:green"))
-             if any(p.get(k) is not None and math.isfinite(p[k]) for p in points)]
+    extra = [(k, label, c) for k, label, c in (
+        ("bound", "Theorem 1 bound", "tab:red"),
+        ("bound_formula", "Theorem 1 formula, assumptions failed (not a bound)", "tab:orange"),
+        ("stability", "measured LOO stability ε̂", "tab:green"))
+        if any(p.get(k) is not None and math.isfinite(p[k]) for p in points)
+        and not (k == "bound_formula" and all(p.get("bound") == p.get(k) for p in points))]
     handles, labels = ax.get_legend_handles_labels()
     if extra:
         ax2 = ax.twinx()

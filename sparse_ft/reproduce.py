@@ -177,6 +177,7 @@ def _figure3_points(plan: Plan, data_dir, output: Path, sweep: SweepSpec) -> lis
     The bound and ε̂ refer to the same algorithm: SAM trained on ``plan.loo['n']`` examples for
     ``plan.loo['max_steps']`` steps, losses on the mean cross-entropy scale.
     """
+    from theory.bounds import stability_bound_report
     from theory.stability import seed_variance_stability
 
     from .instruments import loo_stability, measure_selected
@@ -198,16 +199,19 @@ def _figure3_points(plan: Plan, data_dir, output: Path, sweep: SweepSpec) -> lis
                            train_overrides={**plan.train, **plan.train_by_method.get("sam", {}),
                                             "max_steps": loo["max_steps"], "eval_every": loo["max_steps"], "batch_size": 8})
             m = measure_selected(spec, examples=plan.theory["examples"], lanczos_steps=plan.theory["lanczos_steps"])
-            theory = {"subspace": m.to_dict(), "bound": m.bound}
+            theory = {"subspace": m.to_dict()}
             if p in (plan.figure3_sparsities[0], plan.figure3_sparsities[-1]):
                 estimate, _ = loo_stability(spec, retrains=loo["retrains"])
                 theory["loo"] = estimate.to_dict()
             cache.write_text(json.dumps(theory, indent=2))
+        sub = theory["subspace"]
+        bound = stability_bound_report(sub["rho"], sub["lambda_min"], p, sub["n_train"])
         points.append({
             "sparsity": p, "seeds": len(scores),
             "mean": float(sum(scores) / len(scores)) if scores else float("nan"),
             "std": seed_variance_stability(scores) if len(scores) > 1 else 0.0,
-            "bound": theory["bound"], "stability": theory.get("loo", {}).get("epsilon"),
+            "bound": bound.value, "bound_formula": bound.formula_value, "bound_note": bound.reason,
+            "stability": theory.get("loo", {}).get("epsilon"),
             "stability_ci": theory.get("loo", {}).get("ci"), "noise_floor": theory.get("loo", {}).get("noise_floor"),
             "lambda_min": theory["subspace"]["lambda_min"], "lambda_max": theory["subspace"]["lambda_max"],
             "rho": theory["subspace"]["rho"], "dim": theory["subspace"]["dim"], "n": theory["subspace"]["n_train"],
@@ -258,15 +262,18 @@ def _write_index(output: Path, preset_name: str, plan: Plan, table, comparison: 
             lines.append(f"- {name}: Spearman ρ = {rho:.3f} (p = {pval:.3g}) pooled over tasks; "
                          f"![figure 2 {name}](figure2_ranks_{name}.png)")
     lines += ["", "## Figure 3: effect of sparsity (SAM)", "", "![figure 3](figure3_sparsity.png)", "",
-              "| p | test mean ± std | seeds | k (tuned) | λmin | λmax | ρ̂ | n | Theorem 1 bound | LOO ε̂ (CI) |",
+              "| p | test mean ± std | seeds | k (tuned) | λmin | λmax | ρ̂ | n | Theorem 1 bound (formula) | LOO ε̂ (CI) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for pt in points:
         eps = "–" if pt["stability"] is None else f"{pt['stability']:.3g} ({pt['stability_ci'][0]:.2g}..{pt['stability_ci'][1]:.2g})"
         lines.append(f"| {pt['sparsity']:g} | {pt['mean']:.2f} ± {pt['std']:.2f} | {pt['seeds']} | {pt['dim']:,} | "
                      f"{pt['lambda_min']:.3g} | {pt['lambda_max']:.3g} | {pt['rho']:.3g} | {pt['n']} | "
-                     f"{pt['bound']:.3g} | {eps} |")
+                     f"{pt['bound']:.3g} ({pt['bound_formula']:.3g}) | {eps} |")
     lines += ["", (f"λ and ρ̂ are measured at θ0 on the SAM subspace over {plan.theory['examples']} training examples "
                    f"(mean loss, eval mode, {plan.theory['lanczos_steps']} Lanczos steps; an unconverged λmin lies "
-                   "above the true one); ρ̂ is an empirical estimate. The bound is 2ρ̂²/((λmin + 2(1−p))·n), "
-                   "inf = vacuous (λmin + 2(1−p) ≤ 0).")]
+                   "above the true one); ρ̂ is an empirical estimate. The bound is 2ρ̂²/((λmin + 2(1−p))·n); it is "
+                   "inf (vacuous) when λmin + 2(1−p) ≤ 0 or the Hessian is not PSD (λmin < 0); the formula's value "
+                   "is shown in brackets even then.")]
+    notes = sorted({pt["bound_note"] for pt in points if pt["bound_note"]})
+    lines += ["", *[f"- {note}" for note in notes]]
     (output / "index.md").write_text("\n".join(lines) + "\n")

@@ -102,3 +102,17 @@ def test_minilm_cli_run(data_dir, tmp_path, capsys):
     result = json.loads((tmp_path / RESULT_FILE).read_text())
     assert result["model"] == "minilm"
     assert result["sparsity_report"]["backbone_params"] == 22_565_376  # all-MiniLM-L6-v2 without its pooler
+
+
+def test_bounds_command(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bounds", "--rho", "1.0", "--lambda-min", "0.5", "--sparsity", "0.25", "--n", "100",
+                 "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    theorem1 = payload["bounds"][0]
+    assert theorem1["value"] == pytest.approx(2 * 1.0 / ((0.5 + 2 * 0.75) * 100))
+    assert "Theorem 1" in capsys.readouterr().out
+    assert main(["bounds", "--rho", "1.0", "--lambda-min", "-3", "--sparsity", "0.25", "--n", "100"]) == 0
+    assert "VACUOUS" in capsys.readouterr().out
+    _one_line_error(capsys, main(["bounds", "--rho", "1", "--lambda-min", "0", "--sparsity", "2", "--n", "5"]),
+                    "p must lie in (0, 1]")
