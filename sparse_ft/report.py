@@ -163,22 +163,20 @@ def write_report(results_dir: str | Path, output: str | Path, paper_csv: str | P
 
 
 # ----------------------------------------------------------------------------- figures
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float):
+    """A matplotlib Figure not tied to pyplot: no backend switch, so notebooks keep inline plots."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
-def plot_projection_discontinuity(result: dict, path: str | Path) -> None:
+def plot_projection_discontinuity(result: dict, path: str | Path):
     """Figure 1: the training loss of a run with periodic mask projections (DiffPruning with
     ``reproject_every``), log scale, each projection marked by a vertical line."""
-    plt = _pyplot()
     steps = [p["step"] for p in result["train_losses"]]
     losses = [p["loss"] for p in result["train_losses"]]
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = _figure(6.4, 3.6)
     ax.plot(steps, losses, lw=1.2, label="training loss (mean over each logging window)")
     for i, step in enumerate(result.get("structure_changes", [])):
         ax.axvline(step, color="tab:red", ls="--", lw=0.8, label="mask projection" if i == 0 else None)
@@ -189,20 +187,19 @@ def plot_projection_discontinuity(result: dict, path: str | Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
-    plt.close(fig)
+    return fig
 
 
-def plot_sparsity_effect(points: list[dict], path: str | Path, title: str = "") -> None:
+def plot_sparsity_effect(points: list[dict], path: str | Path, title: str = ""):
     """Figure 3: test mean ± std against sparsity p (log x), and on a second axis the Theorem 1 bound
     and the measured leave-one-out stability where they were computed.
 
     ``points``: dicts with ``sparsity``, ``mean``, ``std`` and optionally ``bound``, ``bound_formula`` (the
     formula's value when an assumption failed, drawn apart and labelled so), ``stability``.
     """
-    plt = _pyplot()
     points = sorted(points, key=lambda p: p["sparsity"])
     ps = [p["sparsity"] for p in points]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig, ax = _figure(6.4, 3.8)
     ax.errorbar(ps, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=3,
                 color="tab:blue", label="test score (mean ± std over seeds)")
     ax.set_xscale("log")
@@ -228,4 +225,4 @@ def plot_sparsity_effect(points: list[dict], path: str | Path, title: str = "") 
     ax.set_title(title or "Effect of sparsity (SAM)")
     fig.tight_layout()
     fig.savefig(path, dpi=150)
-    plt.close(fig)
+    return fig
