@@ -207,7 +207,10 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # a fresh worker per run (Python >= 3.11), so each result's peak_memory_mb is that run's own
+        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                 **fresh) as pool:
             futures = [pool.submit(_execute_into, s, str(run_dir(root, s)), threads) for s in todo]
             for future in as_completed(futures):
                 statuses.append(future.result())
