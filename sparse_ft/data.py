@@ -4,8 +4,8 @@ Local layout (DESIGN §3): ``DIR/<task>/{train,val,test}.jsonl``, one JSON objec
 the original dev set with labels. From the hub the same protocol is applied: a seeded 90/10 split of
 the official train set into train/val, and the official dev set as test.
 
-Batches are padded to the longest sequence in the batch (optionally rounded up to a multiple, for
-static-shape compiled steps), never to a fixed length.
+Batches are padded to the longest sequence in the batch, optionally rounded up to a multiple or to the
+next of a few bucket lengths (compiled steps: one compiled graph per length), never to a fixed length.
 """
 
 from __future__ import annotations
@@ -165,13 +165,24 @@ def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
+def length_buckets(max_length: int, smallest: int = 32) -> tuple[int, ...]:
+    """Padded lengths for compiled steps: powers of two from ``smallest``, and ``max_length``."""
+    buckets, length = [], smallest
+    while length < max_length:
+        buckets.append(length)
+        length *= 2
+    return (*buckets, max_length)
+
+
 @dataclass
 class Collator:
-    """Pads a list of features to the longest sequence in the batch (rounded up to ``pad_multiple``)."""
+    """Pads a list of features to the longest sequence in the batch, rounded up to ``pad_multiple`` or
+    to the smallest of ``buckets`` that holds it (the longest sequence if none does)."""
 
     pad_token_id: int
     regression: bool = False
     pad_multiple: int | None = None
+    buckets: tuple[int, ...] | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         first = features[0]["input_ids"]
@@ -179,6 +190,8 @@ class Collator:
         seqs = [f["input_ids"] for f in features]
         longest = max(len(s) for f in seqs for s in (f if nested else [f]))
         length = _round_up(longest, self.pad_multiple)
+        if self.buckets:
+            length = min((b for b in self.buckets if b >= length), default=length)
         batch = {}
         for key in features[0]:
             if key == "labels":
