@@ -139,7 +139,8 @@ def cmd_sweep(args) -> None:
     flags = {"model": args.model, "data_dir": args.data_dir, "preset": args.preset, "train_limit": args.train_limit,
              "eval_limit": args.eval_limit, "device": args.device}
     sweep.run.update({k: v for k, v in flags.items() if v is not None})
-    train_flags = {"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size}
+    train_flags = {"max_steps": args.max_steps, "lr": args.lr, "batch_size": args.batch_size,
+                   "eval_every": args.eval_every}
     sweep.train.update({k: v for k, v in train_flags.items() if v is not None})
     summary = run_sweep(sweep, args.output, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
                         executor=args.executor, progress=not args.quiet)
@@ -241,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_csv(int))
     for flag in ("--model", "--data-dir", "--preset", "--device"):
         p.add_argument(flag)
-    for flag in ("--train-limit", "--eval-limit", "--max-steps", "--batch-size"):
+    for flag in ("--train-limit", "--eval-limit", "--max-steps", "--batch-size", "--eval-every"):
         p.add_argument(flag, type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine")
