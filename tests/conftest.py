@@ -38,7 +38,7 @@ def tokenizer():
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"task data not found at {SHARED_DATA}")
+        pytest.fail(f"task data not found at {SHARED_DATA}: set SPARSE_FT_DATA to the folder of <task>/*.jsonl")
     return SHARED_DATA
 
 
