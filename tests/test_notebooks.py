@@ -37,7 +37,7 @@ def test_the_tutorials_are_there():
 @pytest.fixture
 def quick_kernel_env(tmp_path, monkeypatch):
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"task data not found at {SHARED_DATA}")
+        pytest.fail(f"task data not found at {SHARED_DATA}: set SPARSE_FT_DATA")
     spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
     spec_dir.mkdir(parents=True)
     (spec_dir / "kernel.json").write_text(json.dumps({
