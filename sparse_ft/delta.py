@@ -219,7 +219,7 @@ def _embedding_grad_at(ids: torch.Tensor, gy: torch.Tensor, indices: torch.Tenso
                        padding_idx: int | None) -> torch.Tensor:
     """∂L/∂W at the flat ``indices`` of an embedding table W (``width`` columns), for y_t = W[ids_t]:
     Σ_{t: ids_t = r} gy[t, c] at (r, c); 0 on the padding row. Static shapes (no host sync)."""
-    ids, grad = ids.reshape(-1), gy.reshape(-1, width).float()
+    ids, grad = ids.reshape(-1).long(), gy.reshape(-1, width).float()
     sorted_ids, order = torch.sort(ids)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]
@@ -273,8 +273,8 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
     weight = w.write(self.parametrizations.weight.original)
     pattern = w.pattern(weight.shape) if _linear_grad(weight.device) == "sampled" else None
-    b = _delta_of(self, "bias") if self.bias is not None else None
-    if b is None:
+    b = _delta_of(self, "bias")
+    if b is None or not b.fast():  # a plain bias (or None), or one on the definition's path
         return _SparseDeltaLinear.apply(x, weight, self.bias, w.values, w.indices, pattern, None, None)
     bias = b.write(self.parametrizations.bias.original)
     return _SparseDeltaLinear.apply(x, weight, bias, w.values, w.indices, pattern, b.values, b.indices)

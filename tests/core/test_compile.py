@@ -100,3 +100,38 @@ def test_cuda_step_eager_and_compiled_agree():
         results[mode] = [entry["loss"] for entry in outcome.losses]
         assert 0 < tuned.sparsity_report().changed <= tuned.sparsity_report().budget
     assert results["on"] == pytest.approx(results["off"], rel=2e-2, abs=2e-2)
+
+
+def _bench_step(capsys, *argv: str) -> dict:
+    """benchmarks/bench_step.py in-process on the tiny model; its last line of JSON."""
+    import importlib
+    import json
+    import sys
+    from pathlib import Path
+
+    from sparse_ft.delta import SparseDelta
+
+    threads, linear_grad = torch.get_num_threads(), SparseDelta.linear_grad  # the script sets both
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    try:
+        importlib.import_module("bench_step").main(["--model-config", "tiny", "--batch-size", "2", "--length", "16",
+                                                    "--rounds", "1", "--no-memory", "--methods", "lora,sam",
+                                                    *argv])
+    finally:
+        sys.path.pop(0)
+        torch.set_num_threads(threads)
+        SparseDelta.linear_grad = linear_grad
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_step_benchmark_runs_and_reports_ratios_against_lora(capsys):
+    report = _bench_step(capsys, "--threads", "1")
+    assert report["device_type"] == "cpu" and report["ratios_vs_lora"]["lora"]["step"] == 1.0
+    assert report["methods"]["sam"]["trainable"] > report["methods"]["lora"]["trainable"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_benchmark_on_cuda(capsys):
+    report = _bench_step(capsys, "--device", "cuda", "--steps", "3")
+    assert report["device_type"] == "cuda" and report["ratios_vs_lora"]["sam"]["step"] > 0
