@@ -10,7 +10,6 @@ from sparse_ft.methods.base import backbone_size
 from sparse_ft.models import TaskModel, backbone_from_config
 from sparse_ft.tasks import get_task
 from sparse_ft.train import TrainConfig, train
-from tests.conftest import task_loader, tiny_task_model
 
 HIDDEN, LAYERS, WIDTH = 32, 2, 2  # tiny_config: d = 32, 2 layers; bottleneck 32 // 16 = 2
 PER_ADAPTER = 2 * HIDDEN * WIDTH + WIDTH + HIDDEN
@@ -18,14 +17,6 @@ PER_ADAPTER = 2 * HIDDEN * WIDTH + WIDTH + HIDDEN
 
 def build(model, **options):
     return make_method_config("adapter", **options).build(model, BuildContext())
-
-
-@pytest.fixture
-def setup(tokenizer, data_dir):
-    model = tiny_task_model("cb", vocab_size=len(tokenizer))
-    loaders = {split: task_loader("cb", tokenizer, data_dir, n=8, batch_size=4, split=split)
-               for split in ("train", "val")}
-    return model, loaders
 
 
 def randomize(tuned, std=0.2):

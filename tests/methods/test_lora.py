@@ -8,21 +8,12 @@ from sparse_ft.methods import BuildContext, make_method_config
 from sparse_ft.methods.base import backbone_size
 from sparse_ft.models import TaskModel
 from sparse_ft.train import TrainConfig, train
-from tests.conftest import task_loader, tiny_task_model
 
 HIDDEN, LAYERS, FFN = 32, 2, 37  # tiny_config
 
 
 def build(model, **options):
     return make_method_config("lora", **options).build(model, BuildContext())
-
-
-@pytest.fixture
-def setup(tokenizer, data_dir):
-    model = tiny_task_model("cb", vocab_size=len(tokenizer))
-    loaders = {split: task_loader("cb", tokenizer, data_dir, n=8, batch_size=4, split=split)
-               for split in ("train", "val")}
-    return model, loaders
 
 
 def randomize_b(tuned, std=0.3):

@@ -8,19 +8,11 @@ from sparse_ft.methods import BuildContext, make_method_config
 from sparse_ft.methods.base import backbone_size
 from sparse_ft.models import TaskModel
 from sparse_ft.train import TrainConfig, train
-from tests.conftest import task_loader, tiny_task_model
+from tests.conftest import tiny_task_model
 
 
 def build(model, mask_seed=0, sparsity=None, **options):
     return make_method_config("mixout", sparsity, **options).build(model, BuildContext(mask_seed=mask_seed))
-
-
-@pytest.fixture
-def setup(tokenizer, data_dir):
-    model = tiny_task_model("cb", vocab_size=len(tokenizer))
-    loaders = {split: task_loader("cb", tokenizer, data_dir, n=8, batch_size=4, split=split)
-               for split in ("train", "val")}
-    return model, loaders
 
 
 def shift_backbone(tuned, delta=0.01):
