@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
+import common
 import torch
 import torch.nn.functional as F
 
@@ -36,17 +36,7 @@ TARGET = 2.5
 
 
 def device_name() -> str:
-    """CPU model name (or CUDA device name) for the report."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical CPUs)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return common.device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_minilm():

@@ -42,8 +42,27 @@ from scipy.linalg import eigh_tridiagonal
 from theory.operators import as_matvec
 
 
+class ExtremesCertificate:
+    """Convergence of the two extreme eigenvalue estimates: residual ≤ ``tol`` at each end.
+
+    Shared by :class:`LanczosResult` and :class:`PowerIterationResult`, which define
+    ``residual_max``, ``residual_min`` and ``tol``."""
+
+    @property
+    def converged_max(self) -> bool:
+        return self.residual_max <= self.tol
+
+    @property
+    def converged_min(self) -> bool:
+        return self.residual_min <= self.tol
+
+    @property
+    def converged(self) -> bool:
+        return self.converged_max and self.converged_min
+
+
 @dataclass
-class LanczosResult:
+class LanczosResult(ExtremesCertificate):
     """Ritz values (ascending) with residual bounds |β_m s_{m,i}| and quadrature weights s_{1,i}².
 
     ``converged_max`` / ``converged_min``: the extreme Ritz value's residual is ≤ ``tol``
@@ -80,18 +99,6 @@ class LanczosResult:
     @property
     def residual_min(self) -> float:
         return float(self.residuals[0])
-
-    @property
-    def converged_max(self) -> bool:
-        return self.residual_max <= self.tol
-
-    @property
-    def converged_min(self) -> bool:
-        return self.residual_min <= self.tol
-
-    @property
-    def converged(self) -> bool:
-        return self.converged_max and self.converged_min
 
     def __str__(self) -> str:
         def state(ok: bool) -> str:
@@ -300,7 +307,7 @@ def plot_density(
 
 
 @dataclass
-class PowerIterationResult:
+class PowerIterationResult(ExtremesCertificate):
     """Extremes from power iteration, with the same residual certificate ||Av − μv|| as Lanczos;
     ``tol`` = atol, or rtol·|μ1| (μ1 the dominant eigenvalue: |λmax| when the top of the spectrum
     dominates)."""
@@ -313,18 +320,6 @@ class PowerIterationResult:
     num_matvecs: int
     seconds: float
     history: list[list[tuple[float, float]]] = field(default_factory=list, repr=False)
-
-    @property
-    def converged_max(self) -> bool:
-        return self.residual_max <= self.tol
-
-    @property
-    def converged_min(self) -> bool:
-        return self.residual_min <= self.tol
-
-    @property
-    def converged(self) -> bool:
-        return self.converged_max and self.converged_min
 
 
 def power_iteration_extremes(
