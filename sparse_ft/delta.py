@@ -208,11 +208,27 @@ def _sampled_dw(pattern: torch.Tensor, gy: torch.Tensor, x: torch.Tensor) -> tor
     chunk = SDDMM_CHUNK if SDDMM_CHUNK and torch.get_num_threads() == 1 else tokens
     total = None
     for start in range(0, tokens, chunk):
-        gy_t = gy[start:start + chunk].t().float().contiguous()
-        x_t = x[start:start + chunk].t().float().contiguous()
+        gy_t = _transposed(gy[start:start + chunk].float())
+        x_t = _transposed(x[start:start + chunk].float())
         part = torch.sparse.sampled_addmm(pattern, gy_t, x_t.t(), beta=0.0).values()
         total = part if total is None else total.add_(part)
     return total
+
+
+TRANSPOSE_BLOCK = 16  # tokens per block of the parallel transpose below
+PARALLEL_TRANSPOSE_MAX_WIDTH = 512  # wider tensors: the serial blocked 2-D transpose is faster
+
+
+def _transposed(a: torch.Tensor) -> torch.Tensor:
+    """``a.t().contiguous()`` for a 2-D (tokens × features) tensor, on all of torch's threads where that
+    is faster. ATen copies a 2-D transpose with a serial blocked kernel; viewed as (T/b, b, d) → (d, T/b, b)
+    the same copy goes through the parallel TensorIterator path, measured 2× faster on 2 threads for
+    d = 384 and slower for d = 1536 (the strided reads then leave the cache)."""
+    tokens, width = a.shape
+    if torch.get_num_threads() == 1 or width > PARALLEL_TRANSPOSE_MAX_WIDTH or tokens % TRANSPOSE_BLOCK:
+        return a.t().contiguous()
+    blocks = a.view(tokens // TRANSPOSE_BLOCK, TRANSPOSE_BLOCK, width).permute(2, 0, 1)
+    return blocks.contiguous().view(width, tokens)
 
 
 def _embedding_grad_at(ids: torch.Tensor, gy: torch.Tensor, indices: torch.Tensor, width: int,

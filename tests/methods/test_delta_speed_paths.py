@@ -179,3 +179,14 @@ def test_indices_are_kept_sorted_with_their_values_and_must_be_distinct():
     assert torch.equal(stored, theta0_)
     with pytest.raises(UserError, match="distinct"):
         SparseDelta(theta0_, torch.tensor([1, 1]))
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (48, 600), (50, 32)])  # parallel path, too wide, ragged tokens
+def test_transpose_for_the_sddmm_equals_the_plain_one(shape):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parallel path only runs on several threads
+    try:
+        a = torch.randn(shape)
+        assert torch.equal(delta_mod._transposed(a), a.t().contiguous())
+    finally:
+        torch.set_num_threads(threads)
