@@ -435,6 +435,14 @@ class SparseDeltaTuned(TunedModel):
         parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         getattr(module, attr).requires_grad_(False)
 
+    def reset_storage(self) -> None:
+        """Make every stored tensor hold θ0 again; the values are kept, and the next forward on the fast
+        path writes θ back. Needed where the values are substituted (``functional_call``), whose
+        out-of-place definition reads θ0 from the stored tensor outside the substituted indices."""
+        for name, delta in self._deltas.items():
+            module, attr = _owner(self.model.backbone, name)
+            delta.restore(module.parametrizations[attr].original)
+
     def dense_delta(self, name: str) -> torch.Tensor:
         """θ − θ0 of one tensor, dense."""
         delta = self._deltas[name]

@@ -86,6 +86,14 @@ class ClassificationHead(nn.Module):
         return self.out_proj(self.dropout(x))
 
 
+def additive_attention_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, L) 0/1 padding mask as the (B, 1, 1, L) additive mask (0 or the float32 minimum) that Hugging
+    Face encoders take as it is. Used under torch.func transforms (vmap): from a 2-D mask transformers
+    builds its own with a branch on ``padding_mask.all()``, which vmap cannot trace."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+        mask == 0, torch.finfo(torch.float32).min)[:, None, None, :]
+
+
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(hidden.dtype).unsqueeze(-1)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -111,6 +119,8 @@ class TaskModel(nn.Module):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         if self.task.kind == MULTIPLE_CHOICE:
             inputs = {k: v.flatten(0, 1) for k, v in inputs.items()}
+        if "attention_mask" in inputs and torch._C._are_functorch_transforms_active():
+            inputs["attention_mask"] = additive_attention_mask(inputs["attention_mask"])
         return self.backbone(**inputs).last_hidden_state
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -129,9 +139,7 @@ class TaskModel(nn.Module):
 
     def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy, or mean squared error for regression."""
-        if self.task.kind == REGRESSION:
-            return F.mse_loss(logits.float(), labels.float())
-        return F.cross_entropy(logits.float(), labels)
+        return example_losses(self.task, logits, labels).mean()
 
     def loss(self, batch: dict) -> torch.Tensor:
         return self.loss_from_logits(self(batch), batch["labels"])
@@ -139,6 +147,13 @@ class TaskModel(nn.Module):
     @staticmethod
     def predictions(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
         return logits.float() if task.kind == REGRESSION else logits.argmax(-1)
+
+
+def example_losses(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of each example: cross-entropy, or squared error for regression."""
+    if task.kind == REGRESSION:
+        return F.mse_loss(logits.float(), labels.float(), reduction="none")
+    return F.cross_entropy(logits.float(), labels, reduction="none")
 
 
 def build_task_model(task: TaskSpec, model: str = DEFAULT_MODEL, head_seed: int = 0,

@@ -6,6 +6,7 @@ dict whose fields DESIGN §7 fixes. The CLI's ``train`` and the sweep both go th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -118,33 +119,47 @@ def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun
     collator = data_mod.Collator(tokenizer.pad_token_id, regression=task.kind == REGRESSION, buckets=buckets)
     pin = device.type == "cuda"
     loaders = {
-        "train": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=True,
-                                      seed=seeds["data"], pin_memory=pin, exclude=exclude),
+        **training_loaders(features["train"], collator, config, seeds["data"], pin, exclude),
         **{name: data_mod.make_loader(features[name], collator, config.batch_size, shuffle=False, pin_memory=pin)
            for name in ("val", "test")},
-        "selection": data_mod.make_loader(features["train"], collator, config.batch_size, shuffle=False,
-                                          pin_memory=pin, exclude=exclude),
     }
     model = build_task_model(task, spec.model, head_seed=seeds["head"])
-
-    def selection_batches():
-        return (to_device(batch, device) for batch in loaders["selection"])
-
-    context = BuildContext(selection_batches=selection_batches, mask_seed=seeds["mask"], device=device,
-                           max_steps=config.max_steps)
+    context = build_context(loaders["selection"], seeds["mask"], device, config)
     return PreparedRun(spec, task, model, tokenizer, config, device, features, loaders, context)
+
+
+def training_loaders(train_features: list, collator, config, data_seed: int, pin: bool,
+                     exclude: frozenset[int]) -> dict:
+    """The shuffled training loader and the file-order one that methods select on, ``exclude`` left out."""
+    return {
+        "train": data_mod.make_loader(train_features, collator, config.batch_size, shuffle=True, seed=data_seed,
+                                      pin_memory=pin, exclude=exclude),
+        "selection": data_mod.make_loader(train_features, collator, config.batch_size, shuffle=False,
+                                          pin_memory=pin, exclude=exclude),
+    }
+
+
+def build_context(selection_loader, mask_seed: int, device: torch.device, config) -> BuildContext:
+    def selection_batches():
+        return (to_device(batch, device) for batch in selection_loader)
+
+    return BuildContext(selection_batches=selection_batches, mask_seed=mask_seed, device=device,
+                        max_steps=config.max_steps)
 
 
 def build_tuned(run: PreparedRun):
     """Apply the run's method (or its saved mask) to the prepared model."""
-    spec = run.spec
+    return build_method(run.spec, run.model.to(run.device), run.context)
+
+
+def build_method(spec: RunSpec, model: TaskModel, context: BuildContext):
+    """Apply ``spec``'s method (or its saved mask) to ``model``, selecting on ``context``'s data."""
     method_config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
-    run.model.to(run.device)
     if spec.mask_path:
         from .delta import load_mask_into  # only mask methods have saved masks
 
-        return load_mask_into(spec.mask_path, run.model, method_config)
-    return method_config.build(run.model, run.context)
+        return load_mask_into(spec.mask_path, model, method_config)
+    return method_config.build(model, context)
 
 
 def fit(spec: RunSpec, exclude: frozenset[int] = frozenset(), progress: bool = True, log=print):
@@ -156,6 +171,26 @@ def fit(spec: RunSpec, exclude: frozenset[int] = frozenset(), progress: bool = T
     outcome = train(tuned, run.loaders["train"], run.loaders["val"], run.config, run.device,
                     seed=spec.seeds()["data"], progress=progress)
     return run, tuned, outcome
+
+
+def fit_replicas(spec: RunSpec, excludes: list[frozenset[int]], progress: bool = True):
+    """:func:`fit` for each ``exclude`` in ``excludes``, trained as one batch of replicas
+    (:mod:`sparse_ft.replicas`): each replica selects its own tunable set on its own data. Returns the
+    prepared run, the trained tuned models and their outcomes, in the order of ``excludes``."""
+    from .replicas import train_replicas
+
+    run = prepare(spec)
+    pristine = copy.deepcopy(run.model).cpu()
+    collator, pin, seeds = run.loaders["train"].collate_fn, run.device.type == "cuda", spec.seeds()
+    tuned_models, train_loaders = [], []
+    for exclude in excludes:
+        loaders = training_loaders(run.features["train"], collator, run.config, seeds["data"], pin, exclude)
+        context = build_context(loaders["selection"], seeds["mask"], run.device, run.config)
+        tuned_models.append(build_method(spec, copy.deepcopy(pristine).to(run.device), context))
+        train_loaders.append(loaders["train"])
+    outcomes = train_replicas(tuned_models, train_loaders, run.loaders["val"], run.config, run.device,
+                              seed=seeds["data"], progress=progress)
+    return run, tuned_models, outcomes
 
 
 def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:

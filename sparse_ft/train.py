@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError, check_range
 from .metrics import compute_metrics
-from .models import TaskModel
+from .models import TaskModel, example_losses
 
 
 @dataclass
@@ -105,25 +105,73 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+class MetricAccumulator:
+    """Collects one model's logits over an evaluation set; :meth:`result` gives the task's metrics (×100,
+    ``major`` among them), the mean loss and the number of examples."""
+
+    def __init__(self, task):
+        self.task = task
+        self.preds, self.golds, self.loss_sum, self.count = [], [], 0.0, 0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += float(example_losses(self.task, logits, labels).sum())
+        self.count += len(labels)
+        self.preds.append(TaskModel.predictions(self.task, logits).cpu())
+        self.golds.append(labels.cpu())
+
+    def result(self) -> dict:
+        metrics = compute_metrics(self.task, torch.cat(self.preds).numpy(), torch.cat(self.golds).numpy())
+        return {**metrics, "loss": self.loss_sum / self.count, "examples": self.count}
+
+
+def autocast_settings(config: TrainConfig, device: torch.device) -> dict:
+    """bf16 autocast on CUDA when the config asks for it; off elsewhere."""
+    return {"device_type": device.type, "dtype": torch.bfloat16, "enabled": config.bf16 and device.type == "cuda"}
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, bf16: bool = False) -> dict:
     """The task's metrics (×100, ``major`` among them) and mean loss of ``model`` over ``loader``."""
-    task = model.task
     was_training = model.training
     model.eval()
-    preds, golds, loss_sum, count = [], [], 0.0, 0
+    accumulator = MetricAccumulator(model.task)
     for batch in loader:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            logits = model(batch)
-        labels = batch["labels"]
-        loss_sum += float(TaskModel.loss_from_logits(model, logits, labels)) * len(labels)
-        count += len(labels)
-        preds.append(TaskModel.predictions(task, logits).cpu())
-        golds.append(labels.cpu())
+            accumulator.add(model(batch), batch["labels"])
     model.train(was_training)
-    metrics = compute_metrics(task, torch.cat(preds).numpy(), torch.cat(golds).numpy())
-    return {**metrics, "loss": loss_sum / count, "examples": count}
+    return accumulator.result()
+
+
+@dataclass
+class EarlyStopping:
+    """The protocol's checkpoint selection (DESIGN §4): the best val score so far with its step and state,
+    and a stop once ``patience`` evaluations have not improved on it after ``min_steps`` steps."""
+
+    patience: int
+    min_steps: int
+    score: float = -math.inf
+    step: int = 0
+    state: dict | None = None
+    stale: int = 0
+    stopped: bool = False
+
+    def record(self, step: int, score: float, state: Callable[[], dict]) -> None:
+        """One evaluation at ``step``; ``state()`` is called only when the score improves."""
+        if score > self.score:
+            self.score, self.step, self.state, self.stale = score, step, state(), 0
+        else:
+            self.stale += 1
+        self.stopped = step >= self.min_steps and self.stale >= self.patience
+
+    def forget(self) -> None:
+        """Drop the best checkpoint (the tunable set changed, so it no longer fits)."""
+        self.score, self.state, self.stale = -math.inf, None, 0
+
+
+def check_finite(mean_loss: float, step: int, lr: float) -> None:
+    if not math.isfinite(mean_loss):
+        raise NonFiniteLoss(f"training loss became {mean_loss} by step {step}; try a lower --lr (now {lr})")
 
 
 @dataclass
@@ -155,7 +203,7 @@ def make_optimizer(tuned, config: TrainConfig, device: torch.device) -> torch.op
 def make_objective(tuned, config: TrainConfig, device: torch.device) -> Callable[[dict], tuple]:
     """``batch -> (loss, objective)``: the mean task loss and the loss plus the method's regularizer,
     under bf16 autocast on CUDA; compiled when ``config`` compiles on ``device``."""
-    autocast = {"device_type": device.type, "dtype": torch.bfloat16, "enabled": config.bf16 and device.type == "cuda"}
+    autocast = autocast_settings(config, device)
 
     def objective(batch: dict):
         with torch.autocast(**autocast):
@@ -191,7 +239,7 @@ def train_step(optimizer: torch.optim.Optimizer, objective: Callable[[dict], tup
     return loss
 
 
-def _cycle(loader):
+def cycle(loader):
     while True:
         yield from loader
 
@@ -207,11 +255,11 @@ def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.de
     optimizer = make_optimizer(tuned, config, device)
     objective = make_objective(tuned, config, device)
     warmup = int(config.warmup_ratio * config.max_steps)
-    best_score, best_state, best_step, stale = -math.inf, None, 0, 0
+    best = EarlyStopping(config.patience, config.min_steps)
     history, losses, changes = [], [], []
     running = torch.zeros((), device=device)
     train_seconds, step, last_check, window_start = 0.0, 0, 0, None
-    batches = _cycle(train_loader)
+    batches = cycle(train_loader)
     bar = tqdm(total=config.max_steps, desc="train", disable=not progress, leave=False)
     while step < config.max_steps:
         batch = to_device(next(batches), device)
@@ -224,15 +272,13 @@ def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.de
         if tuned.on_step_end(step):
             optimizer = make_optimizer(tuned, config, device)
             changes.append(step)
-            best_score, best_state, stale = -math.inf, None, 0  # old checkpoints no longer fit
+            best.forget()
         running += loss.detach()
         evaluate_now = step % config.eval_every == 0 or step == config.max_steps
         if evaluate_now or step % config.check_every == 0:
             mean_loss = float(running) / (step - last_check)  # a host sync, once per check interval
             last_check = step
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLoss(f"training loss became {mean_loss} by step {step}; "
-                                    f"try a lower --lr (now {config.lr})")
+            check_finite(mean_loss, step, config.lr)
             losses.append({"step": step, "loss": mean_loss})
             running.zero_()
             train_seconds += time.perf_counter() - window_start
@@ -242,13 +288,10 @@ def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.de
         if evaluate_now:
             score = evaluate(tuned, val_loader, device, config.bf16)["major"]
             history.append({"step": step, "val": score, "train_loss": mean_loss})
-            if score > best_score:
-                best_score, best_state, best_step, stale = score, tuned.checkpoint_state(), step, 0
-            else:
-                stale += 1
-            if step >= config.min_steps and stale >= config.patience:
+            best.record(step, score, tuned.checkpoint_state)
+            if best.stopped:
                 break
     bar.close()
-    if best_state is not None:
-        tuned.load_checkpoint_state(best_state)
-    return TrainOutcome(step, best_step, train_seconds, history, losses, changes)
+    if best.state is not None:
+        tuned.load_checkpoint_state(best.state)
+    return TrainOutcome(step, best.step, train_seconds, history, losses, changes)

@@ -102,7 +102,8 @@ class AdapterConfig(MethodConfig):
                             f"got {self.non_linearity!r}")
 
     def build(self, model: TaskModel, context: BuildContext) -> AdapterTuned:
-        return AdapterTuned(model, self)
+        with context.seeded():
+            return AdapterTuned(model, self)
 
 
 class Bottleneck(nn.Module):

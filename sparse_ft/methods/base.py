@@ -9,6 +9,7 @@ model. The trainer only talks to this interface, so a new method plugs in withou
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ class BuildContext:
     mask_seed: int = 0
     device: torch.device | str = "cpu"
     max_steps: int | None = None
+
+    @contextlib.contextmanager
+    def seeded(self):
+        """Within the block, random initialisations (LoRA's A, an adapter's down projection) draw from
+        ``mask_seed``; the global generators are left as they were."""
+        device = torch.device(self.device)
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(self.mask_seed)
+            yield
 
 
 @dataclass

@@ -82,7 +82,8 @@ class LoRAConfig(MethodConfig):
                               target_modules=list(self.target_modules), bias="none")
 
     def build(self, model: TaskModel, context: BuildContext) -> LoRATuned:
-        return LoRATuned(model, self)
+        with context.seeded():
+            return LoRATuned(model, self)
 
 
 def _lora_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
