@@ -196,7 +196,8 @@ def cmd_stability(args) -> None:
     from .instruments import loo_stability, measure_selected
 
     spec = spec_from_args(args)
-    estimate, n = loo_stability(spec, retrains=args.retrains, seed=args.seed)
+    estimate, n = loo_stability(spec, retrains=args.retrains, seed=args.seed, replicas=args.replicas,
+                                replica_batch=args.replica_batch)
     m = measure_selected(spec, examples=min(n, args.examples))
     check = check_stability(estimate.epsilon, m.rho, m.lambda_min, m.sparsity, n,
                             ci=(estimate.ci_low, estimate.ci_high))
@@ -268,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stability", help="leave-one-out stability against the Theorem 1 bound")
     add_run_arguments(p)
     p.add_argument("--retrains", type=int, default=4, help="K: leave-one-out retrains")
+    p.add_argument("--replicas", choices=("sequential", "batched"), default="sequential",
+                   help="retrain one model at a time, or all K + 2 as one vmapped batch of replicas "
+                        "(methods with a fixed tunable set; see benchmarks/bench_loo_replicas.py)")
+    p.add_argument("--replica-batch", type=int, help="replicas per batch with --replicas batched (default all)")
     p.add_argument("--examples", type=int, default=16, help="examples for rho and lambda_min")
     p.add_argument("--json")
     p.set_defaults(func=cmd_stability)

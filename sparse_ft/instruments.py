@@ -18,7 +18,8 @@ from theory.hessian import HessianOperator
 from theory.lanczos import lanczos
 from theory.lipschitz import per_sample_grad_norms
 
-from .run import RunSpec, build_tuned, fit, prepare
+from .errors import UserError, check_range
+from .run import RunSpec, build_tuned, fit, fit_replicas, prepare
 from .scoring import eager_attention
 from .train import to_device
 
@@ -78,8 +79,8 @@ def measure_subspace(tuned, batches: list[dict], sparsity: float, n_train: int, 
     with eager_attention(tuned.model):  # fused attention kernels have no second derivative
         op = HessianOperator(tuned, mean_loss, batches, params=names)
         result = lanczos(op, min(lanczos_steps, op.dim), seed=seed)
-        # a loop, not vmap: Hugging Face attention masks branch on data, which vmap cannot trace
-        rho = per_sample_grad_norms(tuned, mean_loss, batches, params=names, method="loop").rho
+        # vmap (the task model passes a prebuilt 4-D attention mask under it), the exact loop if it fails
+        rho = per_sample_grad_norms(tuned, mean_loss, batches, params=names, method="auto").rho
     examples = sum(len(b["labels"]) for b in batches)
     return SubspaceMeasurement(
         method=tuned.config.name, sparsity=sparsity, dim=op.dim, examples=examples,
@@ -97,22 +98,45 @@ def measure_selected(spec: RunSpec, examples: int, lanczos_steps: int = 15) -> S
     return measure_subspace(tuned, batches, sparsity, len(run.features["train"]), lanczos_steps)
 
 
-def loo_stability(spec: RunSpec, retrains: int, seed: int = 0):
+REPLICA_MODES = ("sequential", "batched")
+
+
+def loo_stability(spec: RunSpec, retrains: int, seed: int = 0, replicas: str = "sequential",
+                  replica_batch: int | None = None):
     """Pointwise hypothesis stability of ``spec``'s whole algorithm (mask selection included):
-    ε̂ = mean_i |ℓ(A(Sⁱ), z_i) − ℓ(A(S), z_i)| over ``retrains`` sampled i, by retraining."""
+    ε̂ = mean_i |ℓ(A(Sⁱ), z_i) − ℓ(A(S), z_i)| over ``retrains`` sampled i, by retraining.
+
+    ``replicas="sequential"`` retrains one model after another; ``"batched"`` trains them as vmapped
+    replicas (:mod:`sparse_ft.replicas`), ``replica_batch`` at a time (all K + 2 when None)."""
     from theory.stability import pointwise_hypothesis_stability
 
+    if replicas not in REPLICA_MODES:
+        raise UserError(f"replicas must be one of {REPLICA_MODES}, got {replicas!r}")
+    if replica_batch is not None:
+        check_range("replica_batch", replica_batch, 1)
     quiet = {"progress": False, "log": lambda msg: None}
     run = prepare(spec)
     n = len(run.features["train"])
     collate = run.loaders["selection"].collate_fn
 
+    def excluded(indices: list[int]) -> frozenset[int]:
+        return frozenset(range(n)) - frozenset(indices)
+
     def train_fn(indices: list[int]):
-        return fit(spec, exclude=frozenset(range(n)) - frozenset(indices), **quiet)[1]
+        return fit(spec, exclude=excluded(indices), **quiet)[1]
+
+    def train_many_fn(index_sets: list[list[int]]):
+        size = replica_batch or len(index_sets)
+        for start in range(0, len(index_sets), size):
+            chunk = [excluded(indices) for indices in index_sets[start:start + size]]
+            yield from fit_replicas(spec, chunk, progress=False)[1]
 
     @torch.no_grad()
     def loss_at(model, i: int) -> float:
         model.eval()
         return float(model.loss(to_device(collate([run.features["train"][i]]), run.device)))
 
-    return pointwise_hypothesis_stability(train_fn, loss_at, n, num_samples=retrains, seed=seed), n
+    batched = replicas == "batched"
+    estimate = pointwise_hypothesis_stability(None if batched else train_fn, loss_at, n, num_samples=retrains,
+                                              seed=seed, train_many_fn=train_many_fn if batched else None)
+    return estimate, n

@@ -103,7 +103,7 @@ class PointwiseStability:
 
 
 def pointwise_hypothesis_stability(
-    train_fn: Callable[[list[int]], Any],
+    train_fn: Callable[[list[int]], Any] | None,
     loss_at_fn: Callable[[Any, int], float],
     n: int,
     num_samples: int = 10,
@@ -113,12 +113,16 @@ def pointwise_hypothesis_stability(
     num_bootstrap: int = 2000,
     confidence: float = 0.95,
     noise_floor: bool = True,
+    train_many_fn: Callable[[list[list[int]]], Sequence[Any]] | None = None,
 ) -> PointwiseStability:
     """Leave-one-out estimate of pointwise hypothesis stability (module docstring), K + 1 (+1) trainings.
 
     Args:
         train_fn: ``train_fn(indices) -> model``, the full algorithm run on the examples ``indices``
             (in their original order, same seeds).
+        train_many_fn: instead of ``train_fn``, ``train_many_fn(list of index lists) -> models`` trains
+            all K + 1 (+1) sets at once (e.g. as one batch of replicas); the noise-floor rerun is then a
+            member of that batch.
         loss_at_fn: ``loss_at_fn(model, i) -> float``, the loss of example i (same scale as the bounds).
         n: size of S.
         num_samples: K, the number of left-out indices (drawn without replacement with ``seed``).
@@ -147,14 +151,20 @@ def pointwise_hypothesis_stability(
         ):
             raise ValueError(f"indices must be distinct integers in [0, {n})")
     everything = list(range(n))
-    full = train_fn(everything)
+    index_sets = [everything] + [[j for j in everything if j != i] for i in chosen]
+    index_sets += [everything] if noise_floor else []
+    if train_many_fn is not None:
+        models = iter(train_many_fn(index_sets))
+    elif train_fn is not None:
+        models = (train_fn(s) for s in index_sets)  # one at a time: only one trained model is alive
+    else:
+        raise ValueError("give train_fn or train_many_fn")
+    full = next(models)
     loss_full = np.array([float(loss_at_fn(full, int(i))) for i in chosen])
-    loss_loo = np.array(
-        [float(loss_at_fn(train_fn([j for j in everything if j != i]), int(i))) for i in chosen]
-    )
+    loss_loo = np.array([float(loss_at_fn(next(models), int(i))) for i in chosen])
     noise_gaps = None
     if noise_floor:
-        rerun = train_fn(everything)
+        rerun = next(models)
         noise_gaps = np.abs(np.array([float(loss_at_fn(rerun, int(i))) for i in chosen]) - loss_full)
     gaps = np.abs(loss_loo - loss_full)
     boot = gaps[rng.integers(0, len(gaps), size=(num_bootstrap, len(gaps)))].mean(axis=1)

@@ -1,9 +1,14 @@
 """Replicas trained as one vmapped batch against the same trainings run one by one."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from sparse_ft.cli import main
 from sparse_ft.errors import UserError
+from sparse_ft.instruments import loo_stability
 from sparse_ft.replicas import EXAMPLE_WEIGHT, stack_batches
 from sparse_ft.run import RunSpec, fit, fit_replicas
 from tests.conftest import tiny_config
@@ -69,3 +74,25 @@ def test_methods_that_change_their_tunable_set_are_refused(quiet_model_dir, data
     spec = spec_for("diffpruning", quiet_model_dir, data_dir, 0.05)
     with pytest.raises(UserError, match="cannot be trained as one batch"):
         fit_replicas(spec, EXCLUDES[:2], progress=False)
+
+
+def test_batched_leave_one_out_matches_sequential_retraining(quiet_model_dir, data_dir):
+    spec = spec_for("sam", quiet_model_dir, data_dir, 0.05)
+    sequential, n = loo_stability(spec, retrains=2, seed=1)
+    batched, _ = loo_stability(spec, retrains=2, seed=1, replicas="batched", replica_batch=3)  # two batches
+    assert n == 14 and batched.indices.tolist() == sequential.indices.tolist()
+    np.testing.assert_allclose(batched.loss_full, sequential.loss_full, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(batched.loss_loo, sequential.loss_loo, rtol=1e-3, atol=1e-4)
+    assert batched.noise_floor == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stability_command_with_batched_replicas(quiet_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "stability.json"
+    args = ["stability", "--task", "cb", "--method", "sam", "--sparsity", "0.05", "--model", str(quiet_model_dir),
+            "--data-dir", str(data_dir), "--train-limit", "10", "--eval-limit", "4", "--device", "cpu",
+            "--max-steps", "2", "--eval-every", "1", "--batch-size", "4", "--retrains", "2", "--examples", "4",
+            "--replicas", "batched", "--json", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["stability"]["num_samples"] == 2
+    assert main(args[:-2] + ["--replica-batch", "0"]) == 2
+    assert "replica_batch" in capsys.readouterr().err

@@ -103,6 +103,18 @@ def test_estimator_matches_the_closed_form_leave_one_out(data):
     assert (again.ci_low, again.ci_high) == (sub.ci_low, sub.ci_high)
     assert "eps_hat" in str(sub) and sub.to_dict()["num_samples"] == 12
 
+    batches = []
+
+    def train_many_fn(index_sets):
+        batches.append([len(s) for s in index_sets])
+        return [ridge(x, y, s) for s in index_sets]
+
+    many = pointwise_hypothesis_stability(None, loss_at, N, num_samples=12, seed=3, train_many_fn=train_many_fn)
+    assert batches == [[N] + [N - 1] * 12 + [N]]  # S, the twelve Sⁱ and the noise-floor rerun, in one call
+    np.testing.assert_allclose(many.gaps, sub.gaps, rtol=1e-12)
+    with pytest.raises(ValueError, match="train_fn or train_many_fn"):
+        pointwise_hypothesis_stability(None, loss_at, N, num_samples=2)
+
 
 def test_theorem_1_holds_on_ridge(data):
     x, y = data
