@@ -52,7 +52,7 @@ from common import (
     task_model,
 )
 
-from sparse_ft.delta import SparseDelta, SparseDeltaTuned
+from sparse_ft.delta import LINEAR_GRADS, SparseDelta, SparseDeltaTuned
 from sparse_ft.methods import BuildContext, make_method_config
 from sparse_ft.train import TrainConfig, make_objective, make_optimizer, train_step
 
@@ -175,7 +175,7 @@ def parse(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1, 5 with --compile)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="the trainer's compiled step")
-    p.add_argument("--linear-grad", choices=("auto", "sampled", "dense"), default="auto",
+    p.add_argument("--linear-grad", choices=LINEAR_GRADS, default="auto",
                    help="how the k gradient entries of a Linear weight are formed (SparseDelta.linear_grad)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     p.add_argument("--memory-repeats", type=int, default=None,

@@ -20,10 +20,12 @@ made per forward and no dense θ0 is kept besides the one tensor.
 **Gradient of v** (∂L/∂v_j = ∂L/∂θ_{I_j}), by the op that consumes θ:
 
 * ``nn.Linear`` weight, y = x Wᵀ + b over tokens t: ∂L/∂W_rc = Σ_t gy[t, r]·x[t, c]. Only the k entries
-  (r_j, c_j) are formed, a sampled dense-dense product (SDDMM, ``torch.sparse.sampled_addmm`` with the
-  CSR pattern of I), while dx = gy·W stays dense; a SparseDelta bias gets ∂L/∂b_r = Σ_t gy[t, r] at
-  its k rows. ``SparseDelta.linear_grad`` chooses: ``"sampled"`` (the SDDMM), ``"dense"`` (form the
-  dense dW with one GEMM, then gather), ``"auto"`` = sampled on CPU, dense on CUDA and inside
+  (r_j, c_j) are formed, a sampled dense-dense product (SDDMM), while dx = gy·W stays dense; a
+  SparseDelta bias gets ∂L/∂b_r = Σ_t gy[t, r] at its k rows. ``SparseDelta.linear_grad`` chooses:
+  ``"kernel"`` (:func:`sparse_ft.kernels.sddmm_tokens`, which reads gy and x token-major as autograd
+  hands them over), ``"sampled"`` (``torch.sparse.sampled_addmm`` with the CSR pattern of I, which
+  needs gy and x transposed first), ``"dense"`` (form the dense dW with one GEMM, then gather), and
+  ``"auto"`` = kernel on CPU (sampled where the kernel could not be built), dense on CUDA and inside
   ``torch.compile`` (a tensor-core GEMM of these sizes beats cuSPARSE's SDDMM; the compiler needs
   dense ops).
 * ``nn.Embedding`` weight, y_t = W[ids_t]: ∂L/∂W_rc = Σ_{t: ids_t = r} gy[t, c] (0 on ``padding_idx``),
@@ -56,13 +58,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import UserError, check_range
+from .kernels import load_sddmm, sddmm_tokens
 from .methods.base import BuildContext, MethodConfig, SparsityReport, TunedModel, get_method
 from .models import TaskModel
 from .parametrized import unparametrize_copy
 
 SCOPES = ("per_tensor", "global")
 INDEX_PREFIX = "indices/"
-LINEAR_GRADS = ("auto", "sampled", "dense")
+LINEAR_GRADS = ("auto", "kernel", "sampled", "dense")
 
 
 class SparseDelta(nn.Module):
@@ -84,6 +87,7 @@ class SparseDelta(nn.Module):
         self.values = nn.Parameter(init.detach().to(theta0.device, theta0.dtype).clone())
         self._written = None  # (weakref to the values written into the stored tensor, their version)
         self._pattern = None  # (crow, col, zeros) of I's CSR pattern in a 2-D tensor, built on first use
+        self._coordinates = None  # (2, k) rows and columns of I in a 2-D tensor, built on first use
 
     def fast(self) -> bool:
         """True when the in-place path applies: the module's own values, no torch.func transform."""
@@ -130,6 +134,12 @@ class SparseDelta(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(*self._pattern, tuple(shape), check_invariants=False)
 
+    def coordinates(self, shape: torch.Size) -> torch.Tensor:
+        """Rows and columns of I in a 2-D tensor of ``shape``, as one (2, k) int64 tensor (row-major order)."""
+        if self._coordinates is None or self._coordinates.device != self.indices.device:
+            self._coordinates = torch.stack([self.indices // shape[1], self.indices % shape[1]])
+        return self._coordinates
+
     def extra_repr(self) -> str:
         return f"k={len(self.indices)}"
 
@@ -161,19 +171,19 @@ class _SparseDeltaLinear(torch.autograd.Function):
     Under autocast, x, W and b are cast as ``F.linear`` would be."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_values, w_indices, w_pattern, b_values, b_indices):
+    def forward(ctx, x, weight, bias, w_values, w_indices, w_sample, b_values, b_indices):
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(xc, wc, w_indices, w_pattern, b_indices)
+        ctx.save_for_backward(xc, wc, w_indices, w_sample, b_indices)
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, w_values.dtype,
                       None if b_values is None else b_values.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xc, wc, w_indices, w_pattern, b_indices = ctx.saved_tensors
+        xc, wc, w_indices, w_sample, b_indices = ctx.saved_tensors
         x_dtype, bias_dtype, wv_dtype, bv_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         gy2 = gy.reshape(-1, gy.shape[-1])
@@ -184,10 +194,12 @@ class _SparseDeltaLinear(torch.autograd.Function):
             dbias = gy2.sum(0).to(bias_dtype)
         if need[3]:
             x2 = xc.reshape(-1, xc.shape[-1])
-            if w_pattern is not None:
-                dwv = _sampled_dw(w_pattern, gy2, x2)
-            else:
+            if w_sample is None:  # dense dW, then gathered
                 dwv = (gy2.t() @ x2.to(gy2.dtype)).reshape(-1).index_select(0, w_indices)
+            elif w_sample.layout == torch.sparse_csr:
+                dwv = _sampled_dw(w_sample, gy2, x2)
+            else:  # the (2, k) coordinates: the token-major kernel
+                dwv = sddmm_tokens(gy2.float(), x2.float(), w_sample[0], w_sample[1])
             dwv = dwv.to(wv_dtype)
         if need[6]:
             dbv = gy2.index_select(1, b_indices).float().sum(0).to(bv_dtype)
@@ -277,9 +289,14 @@ def _linear_grad(device: torch.device) -> str:
     mode = SparseDelta.linear_grad
     if mode not in LINEAR_GRADS:
         raise UserError(f"SparseDelta.linear_grad must be one of {LINEAR_GRADS}, got {mode!r}")
+    if mode == "kernel" and load_sddmm() is None:
+        raise UserError("SparseDelta.linear_grad = 'kernel' needs the CPU SDDMM kernel, which could not be "
+                        "built (see the warning above); use 'sampled'")
     if mode != "auto":
         return mode
-    return "sampled" if device.type == "cpu" and not torch.compiler.is_compiling() else "dense"
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return "dense"
+    return "kernel" if load_sddmm() is not None else "sampled"
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -288,12 +305,13 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if w is None or not w.fast():
         return F.linear(x, self.weight, self.bias)
     weight = w.write(self.parametrizations.weight.original)
-    pattern = w.pattern(weight.shape) if _linear_grad(weight.device) == "sampled" else None
+    mode = _linear_grad(weight.device)
+    sample = {"sampled": w.pattern, "kernel": w.coordinates}.get(mode, lambda shape: None)(weight.shape)
     b = _delta_of(self, "bias")
     if b is None or not b.fast():  # a plain bias (or None), or one on the definition's path
-        return _SparseDeltaLinear.apply(x, weight, self.bias, w.values, w.indices, pattern, None, None)
+        return _SparseDeltaLinear.apply(x, weight, self.bias, w.values, w.indices, sample, None, None)
     bias = b.write(self.parametrizations.bias.original)
-    return _SparseDeltaLinear.apply(x, weight, bias, w.values, w.indices, pattern, b.values, b.indices)
+    return _SparseDeltaLinear.apply(x, weight, bias, w.values, w.indices, sample, b.values, b.indices)
 
 
 def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

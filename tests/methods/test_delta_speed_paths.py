@@ -57,7 +57,7 @@ def assert_close_grads(fast, reference):
         torch.testing.assert_close(fast[name], g, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
-@pytest.mark.parametrize("linear_grad, chunk", [("sampled", 256), ("sampled", 5), ("dense", 256)])
+@pytest.mark.parametrize("linear_grad, chunk", [("kernel", 256), ("sampled", 256), ("sampled", 5), ("dense", 256)])
 def test_fast_paths_match_the_definition(linear_grad, chunk, monkeypatch):
     monkeypatch.setattr(delta_mod, "SDDMM_CHUNK", chunk)  # 5: the SDDMM runs over several token chunks
     tuned, data = random_tuned(), batch()

@@ -1,0 +1,64 @@
+// Sampled dense-dense product over token-major operands, for the gradient of a sparse weight delta.
+//
+//   out[j] = sum_t gy[t, rows[j]] * x[t, cols[j]]        j = 0 .. k-1
+//
+// gy (T x O) and x (T x I) are the output gradient and the input of a Linear layer, row-major as
+// autograd hands them over. torch.sparse.sampled_addmm computes the same numbers but needs both
+// operands transposed (the dot products run over T), and those transposes cost more than the
+// product itself. Here the tokens are split across threads in blocks of 8 rows; for each block a thread
+// gathers every entry from rows that stay in cache into its own partial sums (k floats), which are
+// added at the end: no transpose, each row of gy and x read once.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+torch::Tensor sddmm_tokens(const torch::Tensor& gy, const torch::Tensor& x, const torch::Tensor& rows,
+                           const torch::Tensor& cols) {
+  TORCH_CHECK(gy.dim() == 2 && x.dim() == 2 && gy.size(0) == x.size(0), "gy and x must be (T, O) and (T, I)");
+  TORCH_CHECK(gy.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat, "float32 operands only");
+  TORCH_CHECK(gy.is_contiguous() && x.is_contiguous(), "gy and x must be contiguous");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && cols.scalar_type() == torch::kLong, "int64 coordinates");
+  TORCH_CHECK(rows.numel() == cols.numel(), "rows and cols must have the same length");
+  const int64_t T = gy.size(0), O = gy.size(1), I = x.size(1), k = rows.numel();
+  const float* g = gy.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = cols.data_ptr<int64_t>();
+  constexpr int64_t B = 8;  // tokens per block
+  const int64_t blocks = (T + B - 1) / B;
+  // one row of partial sums per thread: each thread reads its own token blocks once, all entries
+  auto partial = torch::zeros({at::get_num_threads(), k}, gy.options());
+  float* parts = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    float* acc = parts + at::get_thread_num() * k;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t t = b * B;
+      if (t + B <= T) {
+        const float* gb = g + t * O;
+        const float* xb = xp + t * I;
+        for (int64_t j = 0; j < k; ++j) {
+          const float* gj = gb + r[j];
+          const float* xj = xb + c[j];
+          float s0 = 0.f, s1 = 0.f;
+#pragma GCC unroll 4
+          for (int64_t u = 0; u < B; u += 2) {
+            s0 += gj[u * O] * xj[u * I];
+            s1 += gj[(u + 1) * O] * xj[(u + 1) * I];
+          }
+          acc[j] += s0 + s1;
+        }
+      } else {
+        for (int64_t u = t; u < T; ++u) {
+          const float* gt = g + u * O;
+          const float* xt = xp + u * I;
+          for (int64_t j = 0; j < k; ++j) acc[j] += gt[r[j]] * xt[c[j]];
+        }
+      }
+    }
+  });
+  auto out = partial.sum(0);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sddmm_tokens", &sddmm_tokens, "out[j] = sum_t gy[t, rows[j]] * x[t, cols[j]] (float32, CPU)");
+}
