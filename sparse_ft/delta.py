@@ -87,7 +87,6 @@ class SparseDelta(nn.Module):
         self.values = nn.Parameter(init.detach().to(theta0.device, theta0.dtype).clone())
         self._written = None  # (weakref to the values written into the stored tensor, their version)
         self._pattern = None  # (crow, col, zeros) of I's CSR pattern in a 2-D tensor, built on first use
-        self._coordinates = None  # (2, k) rows and columns of I in a 2-D tensor, built on first use
 
     def fast(self) -> bool:
         """True when the in-place path applies: the module's own values, no torch.func transform."""
@@ -134,12 +133,6 @@ class SparseDelta(nn.Module):
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(*self._pattern, tuple(shape), check_invariants=False)
 
-    def coordinates(self, shape: torch.Size) -> torch.Tensor:
-        """Rows and columns of I in a 2-D tensor of ``shape``, as one (2, k) int64 tensor (row-major order)."""
-        if self._coordinates is None or self._coordinates.device != self.indices.device:
-            self._coordinates = torch.stack([self.indices // shape[1], self.indices % shape[1]])
-        return self._coordinates
-
     def extra_repr(self) -> str:
         return f"k={len(self.indices)}"
 
@@ -171,19 +164,20 @@ class _SparseDeltaLinear(torch.autograd.Function):
     Under autocast, x, W and b are cast as ``F.linear`` would be."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, w_values, w_indices, w_sample, b_values, b_indices):
+    def forward(ctx, x, weight, bias, w_values, w_indices, w_pattern, w_mode, b_values, b_indices):
         dtype = _compute_dtype(x)
         xc, wc = x.to(dtype), weight.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(xc, wc, w_indices, w_sample, b_indices)
+        ctx.save_for_backward(xc, wc, w_indices, w_pattern, b_indices)
+        ctx.w_mode = w_mode
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, w_values.dtype,
                       None if b_values is None else b_values.dtype)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xc, wc, w_indices, w_sample, b_indices = ctx.saved_tensors
+        xc, wc, w_indices, w_pattern, b_indices = ctx.saved_tensors
         x_dtype, bias_dtype, wv_dtype, bv_dtype = ctx.dtypes
         need = ctx.needs_input_grad
         gy2 = gy.reshape(-1, gy.shape[-1])
@@ -194,16 +188,16 @@ class _SparseDeltaLinear(torch.autograd.Function):
             dbias = gy2.sum(0).to(bias_dtype)
         if need[3]:
             x2 = xc.reshape(-1, xc.shape[-1])
-            if w_sample is None:  # dense dW, then gathered
+            if ctx.w_mode == "kernel":
+                dwv = sddmm_tokens(gy2.float(), x2.float(), w_pattern.crow_indices(), w_pattern.col_indices())
+            elif ctx.w_mode == "sampled":
+                dwv = _sampled_dw(w_pattern, gy2, x2)
+            else:  # dense dW, then gathered
                 dwv = (gy2.t() @ x2.to(gy2.dtype)).reshape(-1).index_select(0, w_indices)
-            elif w_sample.layout == torch.sparse_csr:
-                dwv = _sampled_dw(w_sample, gy2, x2)
-            else:  # the (2, k) coordinates: the token-major kernel
-                dwv = sddmm_tokens(gy2.float(), x2.float(), w_sample[0], w_sample[1])
             dwv = dwv.to(wv_dtype)
-        if need[6]:
+        if need[7]:
             dbv = gy2.index_select(1, b_indices).float().sum(0).to(bv_dtype)
-        return dx, None, dbias, dwv, None, None, dbv, None
+        return dx, None, dbias, dwv, None, None, None, dbv, None
 
 
 SDDMM_CHUNK = 256  # tokens per chunk of the CPU SDDMM when torch runs on one thread
@@ -306,12 +300,12 @@ def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
     weight = w.write(self.parametrizations.weight.original)
     mode = _linear_grad(weight.device)
-    sample = {"sampled": w.pattern, "kernel": w.coordinates}.get(mode, lambda shape: None)(weight.shape)
+    pattern = None if mode == "dense" else w.pattern(weight.shape)
     b = _delta_of(self, "bias")
     if b is None or not b.fast():  # a plain bias (or None), or one on the definition's path
-        return _SparseDeltaLinear.apply(x, weight, self.bias, w.values, w.indices, sample, None, None)
+        return _SparseDeltaLinear.apply(x, weight, self.bias, w.values, w.indices, pattern, mode, None, None)
     bias = b.write(self.parametrizations.bias.original)
-    return _SparseDeltaLinear.apply(x, weight, bias, w.values, w.indices, sample, b.values, b.indices)
+    return _SparseDeltaLinear.apply(x, weight, bias, w.values, w.indices, pattern, mode, b.values, b.indices)
 
 
 def _embedding_forward(self: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

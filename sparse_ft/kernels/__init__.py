@@ -38,7 +38,7 @@ def load_sddmm():
         return None
 
 
-def sddmm_tokens(gy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Σ_t gy[t, rows[j]]·x[t, cols[j]] for every j: gy (T, O), x (T, I) float32 on CPU; needs
-    :func:`load_sddmm` to have succeeded."""
-    return load_sddmm().sddmm_tokens(gy.contiguous(), x.contiguous(), rows, cols)
+def sddmm_tokens(gy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Σ_t gy[t, r_j]·x[t, cols[j]] for every entry j of the CSR pattern (``crow``, ``cols``) of an O × I
+    matrix, in the pattern's order: gy (T, O), x (T, I) float32 on CPU; needs :func:`load_sddmm`."""
+    return load_sddmm().sddmm_tokens(gy.contiguous(), x.contiguous(), crow, cols)

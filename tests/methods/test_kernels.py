@@ -20,11 +20,13 @@ def test_kernel_equals_the_dense_product_at_the_entries(threads, tokens, out_fea
     flat = torch.randperm(out_features * in_features, generator=generator)[: out_features * in_features // 5]
     flat = flat.sort().values
     rows, cols = flat // in_features, flat % in_features
+    crow = torch.zeros(out_features + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
     assert kernels.load_sddmm() is not None, "the SDDMM kernel did not build (a C++ compiler and ninja are needed)"
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = kernels.sddmm_tokens(gy, x, rows, cols)
+        got = kernels.sddmm_tokens(gy, x, crow, cols)
     finally:
         torch.set_num_threads(before)
     expected = (gy.double().t() @ x.double())[rows, cols].float()
