@@ -103,3 +103,20 @@ def test_config_checks(setup):
         make_method_config("lora", dropout=1.0)
     with pytest.raises(UserError, match="fixes its own sparsity"):
         make_method_config("lora", sparsity=0.01)
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_added_weights_are_drawn_from_the_mask_seed(method, setup):
+    model, _ = setup
+
+    def added(seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(1000 + seed)  # the global generator must not matter
+        tuned = make_method_config(method).build(copy.deepcopy(model), BuildContext(mask_seed=seed))
+        return [p.detach().clone() for n, p in tuned.named_parameters() if p.requires_grad and "head" not in n]
+
+    first, again, other = added(0), added(0), added(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, other))
+    state = torch.random.get_rng_state()
+    make_method_config(method).build(copy.deepcopy(model), BuildContext(mask_seed=3))
+    assert torch.equal(state, torch.random.get_rng_state())  # the global generator is left as it was
