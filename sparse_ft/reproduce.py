@@ -4,9 +4,8 @@ Every stage stores its runs through the resumable sweep, so an interrupted repro
 where it stopped. Presets size the work:
 
 * ``quick``: a first look in a few minutes on a laptop CPU;
-* ``cpu``: four methods on CB and WSC with the embedded MiniLM (measured: 49 minutes on a 2-core CPU
-  shared with other jobs at load 4-7; the target is about 20 on a quiet one, not yet verified)
-  with 3 seeds, DiffPruning's projection curve on CB, SAM at three sparsities with the Theorem 1
+* ``cpu``: four methods on CB and WSC with the embedded MiniLM (measured: 19 min 42 s on a quiet
+  2-core CPU) with 3 seeds, DiffPruning's projection curve on CB, SAM at three sparsities with the Theorem 1
   bound and a handful of leave-one-out retrains;
 * ``paper``: the full protocol on a GPU (roberta-base, ten methods, seven tasks, ten seeds); prints
   its estimated cost first.
