@@ -69,14 +69,14 @@ def stack_batches(batches: Sequence[dict], pad_token_id: int) -> dict:
     length = max(b["input_ids"].shape[-1] for b in batches)
     stacked = {}
     for key in batches[0]:
+        filler = pad_token_id if key == "input_ids" else 0
         parts = []
         for batch in batches:
             value = batch[key]
             if key != "labels":
-                value = F.pad(value, (0, length - value.shape[-1]), value=pad_token_id if key == "input_ids" else 0)
+                value = F.pad(value, (0, length - value.shape[-1]), value=filler)
             missing = rows - value.shape[0]
             if missing:
-                filler = pad_token_id if key == "input_ids" else 0
                 value = torch.cat([value, value.new_full((missing, *value.shape[1:]), filler)])
             parts.append(value)
         stacked[key] = torch.stack(parts)
