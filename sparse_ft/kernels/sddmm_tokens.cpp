@@ -7,7 +7,8 @@
 // operands transposed (the dot products run over T), and those transposes cost more than the
 // product itself. Here the tokens are split across threads in blocks of 8 rows; for each block a thread
 // gathers every entry from rows that stay in cache into its own partial sums (k floats), which are
-// added at the end: no transpose, each row of gy and x read once.
+// added at the end: no transpose, each row of gy and x read once. Blocks whose gy is all zero are
+// skipped: padding tokens get exactly zero gradient (their keys are masked out, nothing pools them).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -35,6 +36,9 @@ torch::Tensor sddmm_tokens(const torch::Tensor& gy, const torch::Tensor& x, cons
       if (t + B <= T) {
         const float* gb = g + t * O;
         const float* xb = xp + t * I;
+        int64_t first_nonzero = 0;  // padding tokens (and, in the last layer, all but the pooled ones)
+        while (first_nonzero < B * O && gb[first_nonzero] == 0.f) ++first_nonzero;  // have gy = 0 exactly
+        if (first_nonzero == B * O) continue;
         for (int64_t r = 0; r < O; ++r) {
           const int64_t start = row_start[r], stop = row_start[r + 1];
           if (start == stop) continue;
