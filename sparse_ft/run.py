@@ -179,14 +179,13 @@ def fit_replicas(spec: RunSpec, excludes: list[frozenset[int]], progress: bool =
     prepared run, the trained tuned models and their outcomes, in the order of ``excludes``."""
     from .replicas import train_replicas
 
-    run = prepare(spec)
-    pristine = copy.deepcopy(run.model).cpu()
+    run = prepare(spec)  # run.model stays θ0: each replica builds its method on a copy
     collator, pin, seeds = run.loaders["train"].collate_fn, run.device.type == "cuda", spec.seeds()
     tuned_models, train_loaders = [], []
     for exclude in excludes:
         loaders = training_loaders(run.features["train"], collator, run.config, seeds["data"], pin, exclude)
         context = build_context(loaders["selection"], seeds["mask"], run.device, run.config)
-        tuned_models.append(build_method(spec, copy.deepcopy(pristine).to(run.device), context))
+        tuned_models.append(build_method(spec, copy.deepcopy(run.model).to(run.device), context))
         train_loaders.append(loaders["train"])
     outcomes = train_replicas(tuned_models, train_loaders, run.loaders["val"], run.config, run.device,
                               seed=seeds["data"], progress=progress)
