@@ -50,7 +50,7 @@ from .train import (
     MetricAccumulator,
     TrainConfig,
     TrainOutcome,
-    autocast_settings,
+    bf16_autocast,
     check_finite,
     cycle,
     linear_warmup_decay,
@@ -165,7 +165,7 @@ def evaluate_replicas(stack: ReplicaStack, loader, device: torch.device, bf16: b
     accumulators = [MetricAccumulator(stack.task) for _ in range(stack.count)]
     for batch in loader:
         batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with bf16_autocast(bf16, device):
             logits = stack.logits(batch)
         for accumulator, replica_logits in zip(accumulators, logits):
             accumulator.add(replica_logits, batch["labels"])
@@ -187,7 +187,6 @@ def train_replicas(tuned_models: Sequence[TunedModel], train_loaders: Sequence, 
     pad_token_id = train_loaders[0].collate_fn.pad_token_id
     optimizer = torch.optim.AdamW(stack.param_groups(config.weight_decay), lr=config.lr, eps=config.adam_eps,
                                   foreach=device.type == "cuda")
-    autocast = autocast_settings(config, device)
     warmup = int(config.warmup_ratio * config.max_steps)
     trackers = [EarlyStopping(config.patience, config.min_steps) for _ in range(count)]
     histories, losses, stopped_at = [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
@@ -201,7 +200,7 @@ def train_replicas(tuned_models: Sequence[TunedModel], train_loaders: Sequence, 
             factor = linear_warmup_decay(step, warmup, config.max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = config.lr * factor * group.get("lr_scale", 1.0)
-            with torch.autocast(**autocast):
+            with bf16_autocast(config.bf16, device):
                 replica_losses = stack.losses(batch)
             replica_losses.sum().backward()
             stack.clip_grad_norm_(config.max_grad_norm)

@@ -124,9 +124,9 @@ class MetricAccumulator:
         return {**metrics, "loss": self.loss_sum / self.count, "examples": self.count}
 
 
-def autocast_settings(config: TrainConfig, device: torch.device) -> dict:
-    """bf16 autocast on CUDA when the config asks for it; off elsewhere."""
-    return {"device_type": device.type, "dtype": torch.bfloat16, "enabled": config.bf16 and device.type == "cuda"}
+def bf16_autocast(enabled: bool, device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA when ``enabled`` (the config's ``bf16``); off elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
 @torch.no_grad()
@@ -137,7 +137,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, bf16: bool = 
     accumulator = MetricAccumulator(model.task)
     for batch in loader:
         batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with bf16_autocast(bf16, device):
             accumulator.add(model(batch), batch["labels"])
     model.train(was_training)
     return accumulator.result()
@@ -203,10 +203,8 @@ def make_optimizer(tuned, config: TrainConfig, device: torch.device) -> torch.op
 def make_objective(tuned, config: TrainConfig, device: torch.device) -> Callable[[dict], tuple]:
     """``batch -> (loss, objective)``: the mean task loss and the loss plus the method's regularizer,
     under bf16 autocast on CUDA; compiled when ``config`` compiles on ``device``."""
-    autocast = autocast_settings(config, device)
-
     def objective(batch: dict):
-        with torch.autocast(**autocast):
+        with bf16_autocast(config.bf16, device):
             loss = tuned.loss(batch)
             penalty = tuned.regularization()
             return loss, (loss if penalty is None else loss + penalty)
