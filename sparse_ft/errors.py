@@ -19,3 +19,9 @@ def check_range(name: str, value, low=None, high=None, *, low_open=False, high_o
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         raise UserError(f"{name} must be in {left}{lo}, {hi}{right}, got {value}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raise :class:`UserError` unless ``value`` is one of ``choices``; the message lists them."""
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
