@@ -1,6 +1,8 @@
 """The CPU SDDMM kernel against the dense product, and the fallback when it cannot be built."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,3 +53,45 @@ def test_the_kernel_can_be_switched_off(monkeypatch):
     finally:
         monkeypatch.delenv(kernels.DISABLE_ENV)
         kernels.load_sddmm.cache_clear()
+
+
+def test_the_build_key_changes_with_the_interpreter_the_torch_build_and_the_source():
+    base = {"executable": "/a/.venv/bin/python", "prefix": "/a/.venv", "python": "3.12.3", "torch_version": "2.13.0+cpu",
+            "torch_git": "cf30153", "torch_cuda": None, "source": b"int f();"}
+    key = kernels.build_key(**base)
+    assert key == kernels.build_key(**base)  # a pure function: the same environment, the same build
+    for field, other in [("executable", "/b/.venv/bin/python"), ("prefix", "/b/.venv"), ("python", "3.11.9"),
+                         ("torch_version", "2.12.0+cpu"), ("torch_git", "0123abc"), ("torch_cuda", "12.8"),
+                         ("source", b"int g();")]:
+        assert kernels.build_key(**{**base, field: other}) != key, field
+    assert kernels.build_key() == kernels.build_key(sys.executable, sys.prefix, sys.version, torch.__version__)
+
+
+def test_the_build_directory_is_named_by_the_key_under_the_extension_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = kernels.build_directory()
+    assert folder.parent == tmp_path / "sparse_ft" and kernels.build_key() in folder.name
+    assert kernels.build_directory("abc").name.endswith("-abc")
+
+
+def test_a_build_is_announced_once_and_a_cached_build_loads_silently(monkeypatch, tmp_path, capfd):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def fake_load(name, sources, build_directory, **kwargs):  # stands in for the compiler: writes the library
+        calls.append(build_directory)
+        Path(build_directory, f"{name}{cpp_extension.LIB_EXT}").write_bytes(b"")
+        return object()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    try:
+        for _ in range(2):
+            kernels.load_sddmm.cache_clear()
+            assert kernels.load_sddmm() is not None
+    finally:
+        kernels.load_sddmm.cache_clear()
+    assert calls == [str(kernels.build_directory())] * 2
+    assert capfd.readouterr().err.count("building the CPU kernel (once per environment)") == 1
