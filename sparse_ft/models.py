@@ -146,14 +146,24 @@ class TaskModel(nn.Module):
 
     @staticmethod
     def predictions(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float() if task.kind == REGRESSION else logits.argmax(-1)
+        """Class (or choice) indices, shape (B,); for regression the scores in :func:`loss_dtype`."""
+        return logits.to(loss_dtype(logits)) if task.kind == REGRESSION else logits.argmax(-1)
+
+
+def loss_dtype(logits: torch.Tensor) -> torch.dtype:
+    """The wider of the logits' dtype and float32: bf16/fp16 logits are scored in float32, float64 logits
+    (a float64 model, e.g. for Hessians checked against a dense reference) stay float64."""
+    return torch.promote_types(logits.dtype, torch.float32)
 
 
 def example_losses(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss of each example: cross-entropy, or squared error for regression."""
+    """The loss of each example, shape (B,), in :func:`loss_dtype`: cross-entropy in nats over the
+    classes (choices) of ``logits`` (B, C) against class indices ``labels`` (B,), or, for regression, the
+    squared error of ``logits`` (B,) against float ``labels`` (B,)."""
+    dtype = loss_dtype(logits)
     if task.kind == REGRESSION:
-        return F.mse_loss(logits.float(), labels.float(), reduction="none")
-    return F.cross_entropy(logits.float(), labels, reduction="none")
+        return F.mse_loss(logits.to(dtype), labels.to(dtype), reduction="none")
+    return F.cross_entropy(logits.to(dtype), labels, reduction="none")
 
 
 def build_task_model(task: TaskSpec, model: str = DEFAULT_MODEL, head_seed: int = 0,

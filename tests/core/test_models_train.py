@@ -110,3 +110,30 @@ def test_per_example_gradients_by_vmap_match_the_loop(task_name, tokenizer, data
     by_loop = per_sample_grad_norms(model, loss, batches, method="loop")
     assert by_vmap.method == "vmap"
     np.testing.assert_allclose(by_vmap.norms, by_loop.norms, rtol=1e-4)
+
+
+@pytest.mark.parametrize("task_name", ["cb", "stsb", "copa"])
+def test_float64_model_loss_is_float64_exact(task_name, tokenizer, data_dir):
+    """A float64 model's loss is computed in float64 (bf16/fp16 logits are widened to float32, never
+    float64 narrowed), so Hessians and gradients of float64 checks keep ~1e-16 precision."""
+    import torch.nn.functional as F
+
+    from sparse_ft.models import example_losses, loss_dtype
+
+    model = tiny_task_model(task_name, vocab_size=len(tokenizer)).double().eval()
+    batch = next(iter(task_loader(task_name, tokenizer, data_dir, n=4)))
+    logits = model(batch)
+    assert logits.dtype == torch.float64
+    if task_name == "stsb":
+        reference = (logits - batch["labels"].double()) ** 2
+    else:
+        reference = -torch.log_softmax(logits, -1).gather(1, batch["labels"][:, None]).squeeze(1)
+    losses = example_losses(model.task, logits, batch["labels"])
+    assert losses.dtype == torch.float64
+    torch.testing.assert_close(losses, reference, rtol=0, atol=1e-15)
+    assert abs(float(model.loss(batch).detach()) - float(reference.mean().detach())) < 1e-15
+    assert loss_dtype(logits.bfloat16()) == loss_dtype(logits.half()) == torch.float32
+    low = example_losses(model.task, logits.bfloat16(), batch["labels"])
+    assert low.dtype == torch.float32
+    if task_name != "stsb":
+        torch.testing.assert_close(low, F.cross_entropy(logits.bfloat16().float(), batch["labels"], reduction="none"))
