@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-init BERT built from a config, with the MiniLM tokenizer."""
+"""Shared fixtures: a tiny random-init BERT built from a config, with the MiniLM tokenizer; the gpu marker's skip."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ from sparse_ft.models import TaskModel, backbone_from_config, load_tokenizer
 from sparse_ft.tasks import REGRESSION, get_task
 
 SHARED_DATA = Path(os.environ.get("SPARSE_FT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip every ``@pytest.mark.gpu`` test where no CUDA device is visible, with the reason in the summary
+    (``-rs`` in pyproject's addopts prints it), so a test needs only the marker."""
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(no_cuda)
 
 
 def tiny_config(vocab_size: int = 30522, **overrides):
