@@ -15,10 +15,21 @@ Two exact HVP backends (Pearlmutter 1994, "Fast exact multiplication by the Hess
 * ``double_backward``: g = ∂L/∂x with ``create_graph=True``, then Hv = ∂(gᵀv)/∂x (reverse-over-reverse);
 * ``forward_over_reverse``: Hv = d/dt ∇L(x0 + t v) at t=0, ``torch.func.jvp`` of ``torch.func.grad``.
 
-``auto`` times both once on the first batch of the first product, keeps the faster, and falls back to
-double backward when forward-mode AD is missing (fused SDPA attention kernels have no forward-mode
-derivative: load Hugging Face models with ``attn_implementation="eager"``, or call
-``model.set_attn_implementation("eager")``; the error raised otherwise says so).
+``auto`` chooses, before the first product, only among backends that agree with double backward (the
+reference: reverse mode is what ``torch.autograd.functional.hessian`` uses and what every kernel
+implements): it applies both to one probe vector (Gaussian, seed 0, drawn on the CPU) on the first
+batch, times them, and keeps forward-over-reverse only if its product is within √eps (dtype) of double
+backward's, relative, *and* it was faster. A larger gap falls back to double backward with a warning:
+some kernels' forward-mode derivatives differ from the reverse-mode convention (``nn.Embedding`` with
+``padding_idx``: reverse mode zeroes the padding row's gradient, forward mode still propagates a tangent
+through it, so forward-over-reverse gives a different, asymmetric matrix), and a missing forward-mode
+derivative falls back too (fused SDPA attention kernels have none: load Hugging Face models with
+``attn_implementation="eager"``, or call ``model.set_attn_implementation("eager")``; the error raised
+otherwise says so). An explicitly chosen backend is used as it is.
+
+Determinism: before its first measurement the operator evaluates the loss and gradient twice at x0, each
+after ``model.eval()``, and raises :class:`theory.subspace.NondeterministicError` (a ``ValueError``) if
+they differ (:func:`theory.subspace.check_deterministic`): a random eval-mode forward has no Hessian.
 
 ``cache_graph=True`` keeps, per batch, the autograd graph of g = ∇L_b(x0) built with ``create_graph``;
 every later product is then a single backward pass through it (``retain_graph=True``) instead of
@@ -51,7 +62,16 @@ from scipy.sparse.linalg import LinearOperator
 from torch import nn
 from torch.func import grad, jvp, vmap
 
-from theory.subspace import LossFn, ParamsSpec, Subspace, batch_weights, eval_mode, functional_loss
+from theory.subspace import (
+    LossFn,
+    ParamsSpec,
+    Subspace,
+    batch_weights,
+    check_deterministic,
+    eval_mode,
+    functional_loss,
+    relative_gap,
+)
 
 BACKENDS = ("auto", "double_backward", "forward_over_reverse")
 
@@ -76,8 +96,13 @@ class HessianOperator:
         batch_size_fn: ``batch -> n_b``; default: first dimension of the (first) tensor in the batch.
         cache_graph: keep each batch's first-order graph between products (double backward only).
 
-    Attributes: ``dim`` (k), ``dtype``, ``device``, ``backend`` (resolved after the first product when
-    "auto"), ``backend_timings`` (seconds per backend on the first batch when "auto"), ``num_matvecs``.
+    Attributes: ``dim`` (k), ``dtype``, ``device``, ``backend`` (resolved at the first product when
+    "auto"), ``backend_timings`` (seconds per backend on the probe when "auto"), ``backend_gap``
+    (relative gap of forward-over-reverse to double backward on the probe, None until measured),
+    ``num_matvecs``.
+
+    Raises (at the first product, gradient or loss): :class:`theory.subspace.NondeterministicError` when
+    the eval-mode loss is random (module docstring).
     """
 
     def __init__(
@@ -110,7 +135,9 @@ class HessianOperator:
             "double_backward" if cache_graph else (None if hvp_backend == "auto" else hvp_backend)
         )
         self.backend_timings: dict[str, float] = {}
+        self.backend_gap: float | None = None
         self.num_matvecs = 0
+        self._checked = False
         self._loss = functional_loss(model, loss_fn)
         self._x0 = self.space.gather()
         self._graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -129,24 +156,17 @@ class HessianOperator:
         V = torch.as_tensor(V)
         if V.dim() != 2 or V.shape[0] != self.dim:
             raise ValueError(f"V must be a matrix with {self.dim} rows, got shape {tuple(V.shape)}")
-        if self.backend is None:
-            first = self.matvec(V[:, 0])
-            return (
-                torch.cat([first[:, None], self.matmat(V[:, 1:])], dim=1)
-                if V.shape[1] > 1
-                else first[:, None]
-            )
         return self._apply(V.T).T
 
     def _apply(self, v: torch.Tensor) -> torch.Tensor:
         """Σ_b w_b H_b v for v of shape (dim,) or (c, dim); counts products; hints at eager attention."""
         w = v.detach().to(dtype=self.dtype, device=self.device)
+        self._check_deterministic()
         try:
             with eval_mode(self.model):
                 if self.backend is None:
-                    out = self._choose_backend(w)
-                else:
-                    out = sum(c * self._hvp(self.backend, w, b) for b, c in enumerate(self.weights))
+                    self._choose_backend()
+                out = sum(c * self._hvp(self.backend, w, b) for b, c in enumerate(self.weights))
         except (RuntimeError, NotImplementedError) as err:
             if "not implemented" in str(err) or "not support" in str(err):
                 raise type(err)(
@@ -162,6 +182,7 @@ class HessianOperator:
         """∇L(x0) on the subspace (k-vector), over the operator's batches or the given ones (weighted
         by batch size), e.g. ``op.gradient([one_example])`` for a per-example gradient."""
         batches, weights = self._data(batches, batch_size_fn)
+        self._check_deterministic()
         x = self._x0.clone().requires_grad_(True)
         out = torch.zeros_like(self._x0)
         with eval_mode(self.model):
@@ -173,6 +194,7 @@ class HessianOperator:
     def loss(self, batches: Sequence[Any] | None = None, batch_size_fn=None) -> float:
         """L(x0): the mean loss over the operator's batches (or the given ones), eval mode."""
         batches, weights = self._data(batches, batch_size_fn)
+        self._check_deterministic()
         with eval_mode(self.model), torch.no_grad():
             return float(
                 sum(c * self._loss(self.space.assemble(self._x0), b) for c, b in zip(weights, batches))
@@ -213,10 +235,17 @@ class HessianOperator:
             gen = torch.Generator().manual_seed(seed)
             v = torch.randn(self.dim, generator=gen, dtype=torch.float64).to(self.dtype)
         first, second = self.matvec(v), self.matvec(v)
-        gap = float((first - second).norm() / first.norm().clamp_min(torch.finfo(first.dtype).tiny))
+        gap = relative_gap(second, first)
         return DeterminismCheck(gap, gap <= rtol)
 
     # ------------------------------------------------------------------ internals
+    def _check_deterministic(self) -> None:
+        """Once, before the first measurement: the loss and gradient at x0 on the first batch must not
+        change between two eval-mode evaluations (:func:`theory.subspace.check_deterministic`)."""
+        if not self._checked:
+            check_deterministic(self.model, self._loss, self.space, self._x0, self.batches[0])
+            self._checked = True
+
     def _data(self, batches, batch_size_fn):
         if batches is None:
             return self.batches, self.weights
@@ -245,46 +274,81 @@ class HessianOperator:
             g, x, grad_outputs=v, retain_graph=self.cache_graph, is_grads_batched=batched
         )[0]
 
-    def _choose_backend(self, v: torch.Tensor) -> torch.Tensor:
-        """Time both backends on the first batch, keep the faster (or the only one that runs)."""
+    def _choose_backend(self) -> None:
+        """``auto``: apply both backends to one probe vector on the first batch; keep forward-over-reverse
+        only if it agrees with double backward within √eps (relative) and is faster (module docstring)."""
+        probe = torch.randn(self.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        probe = probe.to(dtype=self.dtype, device=self.device)
         results = {}
         for backend in ("forward_over_reverse", "double_backward"):
             start = time.perf_counter()
             try:
-                results[backend] = self._hvp(backend, v, 0)
+                results[backend] = self._hvp(backend, probe, 0)
             except (RuntimeError, NotImplementedError) as err:
                 if backend == "double_backward":
                     raise
                 warnings.warn(
-                    f"forward-over-reverse HVP unavailable ({err}); using double backward", stacklevel=3
+                    f"forward-over-reverse HVP unavailable ({err}); using double backward", stacklevel=4
                 )
                 continue
             self.backend_timings[backend] = time.perf_counter() - start
-        self.backend = min(self.backend_timings, key=self.backend_timings.get)
-        if len(results) == 2:
-            a, b = results.values()
-            gap = float((a - b).norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
-            if gap > 100 * torch.finfo(self.dtype).eps ** 0.5:
-                warnings.warn(f"the two HVP backends disagree (relative gap {gap:.2e})", stacklevel=3)
-        out = self.weights[0] * results[self.backend]
-        for b in range(1, len(self.batches)):
-            out = out + self.weights[b] * self._hvp(self.backend, v, b)
-        return out
+        self.backend = "double_backward"
+        if "forward_over_reverse" in results:
+            self.backend_gap = relative_gap(results["forward_over_reverse"], results["double_backward"])
+            rtol = torch.finfo(self.dtype).eps ** 0.5
+            if not self.backend_gap <= rtol:
+                warnings.warn(
+                    f"forward-over-reverse HVP disagrees with double backward on a probe vector (relative "
+                    f"gap {self.backend_gap:.2e} > {rtol:.1e}): a kernel's forward-mode derivative differs "
+                    "from its reverse mode (e.g. nn.Embedding with padding_idx); using double backward",
+                    stacklevel=4,
+                )
+            elif self.backend_timings["forward_over_reverse"] < self.backend_timings["double_backward"]:
+                self.backend = "forward_over_reverse"
 
 
-def hutchinson_diagonal(
-    op: HessianOperator, num_probes: int = 10, seed: int = 0, chunk: int = 16
-) -> torch.Tensor:
-    """Unbiased estimate of diag(H): mean over Rademacher probes z of z ⊙ Hz (Bekas, Kokiopoulou & Saad,
-    "An estimator for the diagonal of a matrix", Appl. Numer. Math. 2007); the curvature |h_i| of the
-    exact Theorem 3 selection rule (SAM with ``curvature=diag``). ``num_probes`` products, ``chunk`` of
-    them batched at a time through :meth:`HessianOperator.matmat`."""
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+def hutchinson_diagonal(op: Any, samples: int, seed: int, *, chunk: int = 1) -> torch.Tensor:
+    """diag(H) ≈ (1/S) Σ_s v_s ⊙ (H v_s) with Rademacher probes v_s: the one Hutchinson diagonal estimator.
+
+    Hutchinson (1990) for the trace; Bekas, Kokiopoulou & Saad, "An estimator for the diagonal of a
+    matrix", Appl. Numer. Math. 57 (2007), Eq. 3. Unbiased: E[v vᵀ] = I gives E[v_i (Hv)_i] = H_ii; the
+    variance of entry i is Σ_{j≠i} H_ij² / S, so the estimate is exact, for any S, when H is diagonal.
+
+    Draws: v_s = 2·randint(0, 2, (op.dim,)) − 1, the s-th draw of one CPU ``torch.Generator`` seeded with
+    ``seed``, i.e. row s of ``torch.randint(0, 2, (S, op.dim), generator=torch.Generator().manual_seed(seed))
+    * 2 - 1``: the same probes on every device and for every ``chunk``.
+
+    Args:
+        op: a :class:`HessianOperator` on any subspace (or any operator with ``dim`` and ``matvec``;
+            ``matmat`` when ``chunk`` > 1).
+        samples: S ≥ 1, the number of probes (Hessian-vector products).
+        seed: seed of the probes' generator.
+        chunk: probes applied at once through ``op.matmat`` (memory grows with chunk · dim); the result
+            does not depend on it.
+
+    Returns:
+        A 1-D tensor of length ``op.dim`` (op's dtype and device; accumulated in float64) in the operator's
+        coordinate order. For a :class:`HessianOperator`, ``op.space.unflatten(d)`` maps it to
+        ``{parameter name: tensor of the parameter's shape}`` (estimates at a mask's positions, 0
+        elsewhere; whole tensors reshaped), ``op.space.split(d)`` to the flat per-tensor pieces.
+
+    Example::
+
+        >>> from theory.operators import DenseOperator
+        >>> hutchinson_diagonal(DenseOperator(torch.diag(torch.tensor([1.0, -2.0, 3.0]))), samples=1, seed=0)
+        tensor([ 1., -2.,  3.])
+    """
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples must be an integer >= 1, got {samples!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    dtype, device = getattr(op, "dtype", torch.float64), getattr(op, "device", "cpu")
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(op.dim, dtype=torch.float64)
-    for start in range(0, num_probes, chunk):
-        count = min(chunk, num_probes - start)
-        z = torch.randint(0, 2, (op.dim, count), generator=gen, dtype=torch.float64) * 2 - 1
-        total += (z * op.matmat(z.to(op.dtype)).double().cpu()).sum(dim=1)
-    return (total / num_probes).to(op.dtype)
+    for start in range(0, samples, chunk):
+        count = min(chunk, samples - start)
+        v = torch.randint(0, 2, (count, op.dim), generator=gen).to(torch.float64) * 2 - 1
+        w = v.to(dtype=dtype, device=device)
+        hv = op.matvec(w[0])[None] if count == 1 else op.matmat(w.T).T
+        total += (v * hv.detach().to(device="cpu", dtype=torch.float64)).sum(dim=0)
+    return (total / samples).to(dtype=dtype, device=device)

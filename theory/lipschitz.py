@@ -15,7 +15,8 @@ Gradients are computed in eval mode (dropout off) with ``torch.func.vmap(torch.f
 (Horace He & Richard Zou, functorch; the per-sample gradient recipe of Opacus / Yousefpour et al. 2021),
 or with a loop of single-example backward passes when vmap cannot trace the model (data-dependent
 control flow, e.g. the attention-mask checks of Hugging Face models): ``method="auto"`` tries vmap
-and falls back to the loop, which gives the same numbers.
+and falls back to the loop, which gives the same numbers. A model whose eval-mode loss is random is
+refused before anything is measured (:func:`theory.subspace.check_deterministic`).
 
 Example::
 
@@ -39,6 +40,7 @@ from theory.subspace import (
     LossFn,
     ParamsSpec,
     Subspace,
+    check_deterministic,
     default_batch_size,
     eval_mode,
     example_dims,
@@ -115,6 +117,10 @@ def per_sample_grad_norms(
             result's ``method`` says what ran, e.g. "vmap+loop").
         chunk_size: examples per vmap chunk (bounds memory at chunk_size · k gradient entries).
         batch_size_fn: ``batch -> number of examples``; default: first dim of the first tensor.
+
+    Raises:
+        theory.subspace.NondeterministicError (a ValueError): the eval-mode loss on the first batch (at the
+        first checkpoint) changes between two identical evaluations.
     """
     if method not in ("auto", "vmap", "loop"):
         raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}")
@@ -124,6 +130,10 @@ def per_sample_grad_norms(
         raise ValueError("checkpoints is empty; pass None to measure at the model's parameters")
     f = functional_loss(model, loss_fn)
     size_of = batch_size_fn or default_batch_size
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty")
+    check_deterministic(model, f, space, space.gather(states[0]), batches[0], states[0])
     rows, used = [], []
     with eval_mode(model):
         for state in states:

@@ -12,6 +12,13 @@ that k-vector, never on the masked full space, whose (1-p)m exact zeros would pi
   tensor, e.g. a task head): the selected entries of each tensor, in the dict's order and row-major
   order within a tensor.
 
+Tied weights: a tensor reachable under several names (``decoder.weight`` set to ``embeddings.weight``,
+or one submodule registered as two attributes) is one set of coordinates, listed under the name
+``model.named_parameters()`` gives it (the first one); ``params`` may use any of its names, but only one.
+:func:`functional_loss` substitutes such a tensor at every place it is held, each place once, so the
+model is left exactly as it was (``torch.func.functional_call``'s own tie handling swaps a module
+registered twice two times and restores the wrong tensor).
+
 Example::
 
     space = Subspace(model, {"classifier.weight": torch.ones(3, 8, dtype=torch.bool)})
@@ -45,20 +52,26 @@ class Subspace:
     def __init__(self, model: nn.Module, params: ParamsSpec = None):
         named = dict(model.named_parameters())
         if params is None:
-            spec: dict[str, torch.Tensor | None] = {n: None for n, p in named.items() if p.requires_grad}
+            items: list[tuple[str, torch.Tensor | None]] = [
+                (n, None) for n, p in named.items() if p.requires_grad
+            ]
         elif isinstance(params, Mapping):
-            spec = dict(params)
+            items = list(params.items())
         elif isinstance(params, (str, bytes)) or not isinstance(params, Sequence):
             raise TypeError("params must be None, a list of parameter names or a dict name -> bool mask")
         else:
-            spec = {n: None for n in params}
-            if len(spec) != len(params):
-                raise ValueError("params lists a parameter name twice")
-        if not spec:
+            items = [(n, None) for n in params]
+        if not items:
             raise ValueError("no tunable parameters: params selects nothing")
-        unknown = [n for n in spec if n not in named]
+        canonical = canonical_names(model)
+        unknown = [n for n, _ in items if n not in canonical]
         if unknown:
             raise KeyError(f"unknown parameter names {unknown}; the model has e.g. {list(named)[:5]}")
+        spec = {canonical[n]: mask for n, mask in items}
+        if len(spec) != len(items):
+            raise ValueError(
+                "params names a parameter twice (tied weights count once: use one of their names)"
+            )
 
         self.names: list[str] = list(spec)
         self.shapes: list[torch.Size] = [named[n].shape for n in self.names]
@@ -116,6 +129,19 @@ class Subspace:
         """The k-vector cut into per-tensor pieces (flat), keyed by parameter name."""
         return dict(zip(self.names, x.split(self.sizes)))
 
+    def unflatten(self, x: torch.Tensor, fill: float = 0.0) -> dict[str, torch.Tensor]:
+        """The k-vector as full tensors keyed by parameter name: each of the parameter's shape, with
+        ``x``'s entries at the tunable positions (row-major within the mask) and ``fill`` elsewhere
+        (a whole tensor is just reshaped). Dtype and device of ``x``."""
+        out = {}
+        for name, shape, idx, chunk in zip(self.names, self.shapes, self.indices, x.split(self.sizes)):
+            if idx is None:
+                out[name] = chunk.reshape(shape)
+            else:
+                flat = torch.full((shape.numel(),), fill, dtype=x.dtype, device=x.device)
+                out[name] = flat.index_put((idx.to(x.device),), chunk).view(shape)
+        return out
+
     def _base(self, state: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         tensors = dict(self._model.named_parameters())
         if state is None:
@@ -138,12 +164,45 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name of every parameter and buffer (``remove_duplicate=False``) -> the name
+    ``named_parameters()`` / ``named_buffers()`` give that tensor (its first name)."""
+    out = {}
+    for members in (model.named_parameters, model.named_buffers):
+        first = {id(t): n for n, t in members()}
+        out.update({n: first[id(t)] for n, t in members(remove_duplicate=False)})
+    return out
+
+
+def _places(model: nn.Module) -> dict[str, list[str]]:
+    """Canonical name -> one name per distinct place (owning module, attribute) that holds the tensor.
+
+    A module registered under two names holds its tensors in one place (listed once); a tensor tied
+    between two modules is held in two places (listed twice)."""
+    places: dict[str, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    for name, canonical in canonical_names(model).items():
+        path, _, attr = name.rpartition(".")
+        key = (id(model.get_submodule(path)), attr)
+        if key not in seen:
+            seen.add(key)
+            places.setdefault(canonical, []).append(name)
+    return places
+
+
 def functional_loss(model: nn.Module, loss_fn: LossFn) -> Callable[[dict, Any], torch.Tensor]:
-    """``f(tensors, batch)``: ``loss_fn(model, batch)`` evaluated with the parameters in ``tensors``."""
+    """``f(tensors, batch)``: ``loss_fn(model, batch)`` evaluated with the parameters in ``tensors``
+    (keyed by canonical name, as :meth:`Subspace.assemble` returns them), the model left as it was.
+
+    Each tensor is substituted at every place that holds it, each place exactly once
+    (``functional_call(..., tie_weights=False)`` with the places spelled out): see the module docstring
+    on tied weights."""
     wrapper = _LossModule(model, loss_fn)
+    places = _places(model)
 
     def f(tensors: dict, batch: Any) -> torch.Tensor:
-        return functional_call(wrapper, {"model." + n: t for n, t in tensors.items()}, (batch,))
+        swap = {"model." + place: t for n, t in tensors.items() for place in places.get(n, [n])}
+        return functional_call(wrapper, swap, (batch,), tie_weights=False)
 
     return f
 
@@ -173,6 +232,69 @@ def batch_weights(batches: Sequence[Any], batch_size_fn: Callable[[Any], int] | 
         raise ValueError(f"batch sizes must be positive, got {sizes}")
     total = sum(sizes)
     return [s / total for s in sizes]
+
+
+def relative_gap(a: torch.Tensor, reference: torch.Tensor) -> float:
+    """||a − reference|| / ||reference|| (0 when the two are identical, NaNs included)."""
+    if torch.equal(a.nan_to_num(), reference.nan_to_num()):
+        return 0.0
+    tiny = torch.finfo(reference.dtype).tiny
+    return float((a - reference).norm() / reference.norm().clamp_min(tiny))
+
+
+class NondeterministicError(ValueError):
+    """The function an instrument would measure changes between two identical evaluations."""
+
+
+def check_deterministic(
+    model: nn.Module,
+    f: Callable[[dict, Any], torch.Tensor],
+    space: Subspace,
+    x: torch.Tensor,
+    batch: Any,
+    state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    rtol: float | None = None,
+) -> None:
+    """Refuse a loss whose eval-mode value or gradient changes between two identical calls.
+
+    Every instrument puts the model in eval mode (:func:`eval_mode`) and then measures a *function*:
+    Hessian-vector products, gradients, per-example gradient norms. A model whose eval-mode forward is
+    random (a forward that draws noise, or a module that redraws a mask whenever ``.eval()`` is called,
+    as a Mixout reset can) has no such function: two identical Hessian-vector products then differ at
+    the order of the products themselves, and Lanczos or ρ̂ report noise. So, before measuring, the loss
+    ``f(space.assemble(x, state), batch)`` and its gradient in ``x`` are evaluated twice, each time
+    inside its own ``eval_mode(model)`` exactly as a measurement enters it, and compared.
+
+    Args:
+        model: the module ``f`` evaluates (its train/eval flags are restored afterwards).
+        f, space, x, batch, state: as :func:`functional_loss`, :meth:`Subspace.assemble`.
+        rtol: largest accepted relative gap |ℓ₁ − ℓ₂|/|ℓ₁| and ||g₁ − g₂||/||g₁||; default √eps of the
+            subspace's dtype (1.5e-8 in float64, 3.5e-4 in float32): far above the run-to-run noise of
+            nondeterministic GPU reductions (a few eps), far below the O(1) gaps of a random forward.
+
+    Raises:
+        NondeterministicError (a ValueError) naming the gaps.
+    """
+    tol = torch.finfo(space.dtype).eps ** 0.5 if rtol is None else rtol
+
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
+        x_ = x.detach().clone().requires_grad_(True)
+        with eval_mode(model):
+            loss = f(space.assemble(x_, state), batch)
+            (g,) = torch.autograd.grad(loss, x_, allow_unused=True)
+        return loss.detach(), torch.zeros_like(x_) if g is None else g
+
+    (loss1, g1), (loss2, g2) = evaluate(), evaluate()
+    gaps = (relative_gap(loss2, loss1), relative_gap(g2, g1))
+    if not max(gaps) <= tol:
+        raise NondeterministicError(
+            "the model's eval-mode loss is random: two identical evaluations (each after model.eval()) "
+            f"differ by {gaps[0]:.2e} in the loss and {gaps[1]:.2e} in its gradient (relative; tolerance "
+            f"{tol:.1e}), so there is no fixed function to measure. Make the eval-mode forward "
+            "deterministic: look for a module that draws noise in forward or redraws a random mask when "
+            ".eval() is called."
+        )
 
 
 @contextmanager

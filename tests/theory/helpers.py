@@ -70,3 +70,70 @@ def masked_positions(model, masks):
         positions.append(mask.reshape(-1).nonzero().squeeze(1) + offset)
         offset += params[name].numel()
     return torch.cat(positions)
+
+
+class RedrawOnEval(torch.nn.Module):
+    """Mixout-like eval-time reset: every ``.eval()`` draws a new keep-mask over the weight, so the
+    eval-mode function changes from one ``.eval()`` to the next."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3)
+        self.register_buffer("keep", torch.ones(3, 5))
+
+    def train(self, mode=True):
+        super().train(mode)
+        if not mode:
+            self.keep = (torch.rand(3, 5) < 0.5).to(self.lin.weight.dtype)
+        return self
+
+    def forward(self, x):
+        return F.linear(x, self.lin.weight * self.keep, self.lin.bias)
+
+
+class NoisyForward(torch.nn.Module):
+    """A forward that draws noise whatever the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin(x + 0.1 * torch.randn_like(x))
+
+
+class TiedNet(torch.nn.Module):
+    """One Linear registered as two attributes (``shared`` and ``alias``, one module) and a decoder whose
+    weight is the embedding's (two modules, one Parameter): canonical names emb.weight, shared.*."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 4)
+        self.shared = torch.nn.Linear(4, 4)
+        self.alias = self.shared
+        self.dec = torch.nn.Linear(4, 6, bias=False)
+        self.dec.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.shared(self.emb(ids).mean(1)))
+        return self.dec(torch.tanh(self.alias(h)))
+
+
+def tied_loss(model, batch):
+    return F.cross_entropy(model(batch["ids"]), batch["y"])
+
+
+def tied_reference_hessian(model, batch):
+    """Dense Hessian of ``tied_loss`` in (emb.weight, shared.weight, shared.bias), from the forward written
+    out with the ties explicit (no functional_call, no module)."""
+    params = dict(model.named_parameters())
+    names = ["emb.weight", "shared.weight", "shared.bias"]
+    shapes = [params[n].shape for n in names]
+    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def f(flat):
+        emb, weight, bias = (t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes))
+        h = torch.tanh(F.linear(F.embedding(batch["ids"], emb).mean(1), weight, bias))
+        return F.cross_entropy(F.linear(torch.tanh(F.linear(h, weight, bias)), emb), batch["y"])
+
+    return torch.autograd.functional.hessian(f, flat0)

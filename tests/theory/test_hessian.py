@@ -3,9 +3,23 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from tests.theory.helpers import bert_loss, make_bert, masked_positions, mlp_loss, reference_hessian
+from tests.theory.helpers import (
+    NoisyForward,
+    RedrawOnEval,
+    TiedNet,
+    bert_loss,
+    make_bert,
+    masked_positions,
+    mlp_loss,
+    reference_hessian,
+    tied_loss,
+    tied_reference_hessian,
+)
 from theory.hessian import HessianOperator, hutchinson_diagonal
+from theory.operators import DenseOperator
+from theory.subspace import NondeterministicError
 
 BACKENDS = ["double_backward", "forward_over_reverse", "auto"]
 
@@ -192,11 +206,140 @@ def test_fused_attention_error_names_the_fix(bert_batches):
         assert "attn_implementation='eager'" in str(err)
 
 
-def test_hutchinson_diagonal_is_unbiased(mlp, mlp_batches):
+def test_hutchinson_diagonal_mlp_and_chunks(mlp, mlp_batches):
     op = HessianOperator(mlp, mlp_loss, mlp_batches, hvp_backend="double_backward")
-    exact = torch.diagonal(op.to_dense())
-    estimate = hutchinson_diagonal(op, num_probes=200, seed=0)
-    assert estimate.shape == (66,)
+    dense = op.to_dense()
+    estimate = hutchinson_diagonal(op, samples=200, seed=0, chunk=50)
+    assert estimate.shape == (66,) and estimate.dtype == op.dtype
     # error of the mean of 200 probes: well inside the off-diagonal mass of each row
-    assert (estimate - exact).abs().max() < 0.25 * op.to_dense().abs().sum(1).max()
-    assert torch.corrcoef(torch.stack([estimate, exact]))[0, 1] > 0.9
+    assert (estimate - torch.diagonal(dense)).abs().max() < 0.25 * dense.abs().sum(1).max()
+    assert torch.corrcoef(torch.stack([estimate, torch.diagonal(dense)]))[0, 1] > 0.9
+    # the probes do not depend on how many products are batched together
+    torch.testing.assert_close(
+        hutchinson_diagonal(op, samples=7, seed=3, chunk=3), hutchinson_diagonal(op, samples=7, seed=3)
+    )
+
+
+class Separable(torch.nn.Module):
+    """L(w) = mean_b Σ_i log cosh(w_i x_bi): a diagonal, non-constant Hessian."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(-1.0, 1.5, 6, dtype=torch.float64))
+
+
+def separable_loss(model, batch):
+    return torch.log(torch.cosh(model.w * batch["x"])).sum(1).mean()
+
+
+def test_hutchinson_is_exact_on_a_diagonal_hessian_with_one_sample():
+    model = Separable()
+    batch = {"x": torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    mask = torch.tensor([True, False, True, True, False, True])
+    op = HessianOperator(model, separable_loss, [batch], {"w": mask}, hvp_backend="double_backward")
+    exact = torch.diagonal(op.to_dense())
+    for seed in range(3):
+        torch.testing.assert_close(hutchinson_diagonal(op, samples=1, seed=seed), exact, rtol=1e-12, atol=0)
+    # back to named tensors: estimates at the mask, zero elsewhere
+    full = op.space.unflatten(hutchinson_diagonal(op, samples=1, seed=0))
+    assert list(full) == ["w"] and full["w"].shape == (6,)
+    torch.testing.assert_close(full["w"][mask], exact)
+    assert torch.all(full["w"][~mask] == 0)
+
+
+def test_hutchinson_draws_and_unbiasedness_on_a_dense_matrix():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    a = a + a.T
+    op = DenseOperator(a)
+    # the documented draws: row s of randint(0, 2, (S, dim)) * 2 - 1 from a CPU generator seeded with seed
+    v = torch.randint(0, 2, (3, 8), generator=torch.Generator().manual_seed(5)).double() * 2 - 1
+    torch.testing.assert_close(hutchinson_diagonal(op, samples=3, seed=5), (v * (v @ a)).mean(0))
+    samples = 4000
+    estimate = hutchinson_diagonal(op, samples=samples, seed=1)
+    off = a - torch.diag(torch.diagonal(a))
+    sd = (off.pow(2).sum(1) / samples).sqrt()  # standard deviation of each entry's mean
+    assert torch.all((estimate - torch.diagonal(a)).abs() <= 4 * sd)
+    with pytest.raises(ValueError, match="samples"):
+        hutchinson_diagonal(op, samples=0, seed=0)
+
+
+class PaddedBag(torch.nn.Module):
+    """Mean of tanh(embeddings) -> linear; the padding row is nonzero and the padded token reaches the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(6, 3, padding_idx=0)
+        self.out = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            self.emb.weight[0] = torch.tensor([0.5, -1.0, 0.8])
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.emb(ids)).mean(1))
+
+
+def bag_loss(model, batch):
+    return F.cross_entropy(model(batch["ids"]), batch["y"])
+
+
+def test_auto_backend_falls_back_to_double_backward_where_forward_mode_disagrees():
+    torch.manual_seed(0)
+    model = PaddedBag().double()
+    batch = {
+        "ids": torch.tensor([[0, 1, 2], [3, 0, 0], [4, 5, 0], [1, 0, 2]]),
+        "y": torch.tensor([0, 1, 1, 0]),
+    }
+    names = ["emb.weight", "out.weight"]
+    ref = reference_hessian(model, bag_loss, [batch], names)  # reverse mode: the padding row is zero
+    forward = HessianOperator(model, bag_loss, [batch], names, hvp_backend="forward_over_reverse").to_dense()
+    assert (forward - ref).norm() > 0.1 * ref.norm() and (forward - forward.T).norm() > 0.1 * ref.norm()
+    op = HessianOperator(model, bag_loss, [batch], names, hvp_backend="auto")
+    with pytest.warns(UserWarning, match="disagrees with double backward"):
+        dense = op.to_dense()
+    assert op.backend == "double_backward" and op.backend_gap > 1e-3
+    torch.testing.assert_close(dense, ref, rtol=1e-10, atol=1e-12)
+    # where the backends agree, auto measures the gap and may keep either
+    agree = HessianOperator(model, bag_loss, [batch], ["out.weight"], hvp_backend="auto")
+    torch.testing.assert_close(agree.to_dense(), ref[18:, 18:], rtol=1e-10, atol=1e-12)
+    assert agree.backend_gap <= 1e-8
+
+
+@pytest.mark.parametrize("model_class", [RedrawOnEval, NoisyForward])
+def test_a_random_eval_mode_function_is_refused(model_class):
+    torch.manual_seed(0)
+    model = model_class().double()
+    batch = {"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.tensor([0, 1, 2, 1])}
+    for call in (
+        lambda op: op.matvec(torch.ones(op.dim, dtype=torch.float64)),
+        lambda op: op.gradient(),
+        lambda op: op.loss(),
+    ):
+        op = HessianOperator(model, mlp_loss, [batch])
+        with pytest.raises(NondeterministicError, match="eval-mode loss is random"):
+            call(op)
+    assert issubclass(NondeterministicError, ValueError)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:2])
+def test_tied_weights_hvp_matches_dense_and_model_is_untouched(backend):
+    torch.manual_seed(0)
+    model = TiedNet().double()
+    batch = {
+        "ids": torch.tensor([[0, 1, 2], [3, 4, 5], [5, 1, 0], [2, 2, 3]]),
+        "y": torch.tensor([0, 5, 3, 1]),
+    }
+    objects = dict(model.named_parameters(remove_duplicate=False))
+    values = {n: p.detach().clone() for n, p in objects.items()}
+    op = HessianOperator(model, tied_loss, [batch], hvp_backend=backend)
+    assert op.space.names == ["emb.weight", "shared.weight", "shared.bias"]
+    torch.testing.assert_close(op.to_dense(), tied_reference_hessian(model, batch), rtol=1e-10, atol=1e-12)
+    op.gradient()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        assert param is objects[name] and isinstance(param, torch.nn.Parameter)
+        assert torch.equal(param, values[name])
+    assert model.alias is model.shared and model.dec.weight is model.emb.weight
+    # any name of a tied tensor selects it; two names of one tensor are refused
+    alias = HessianOperator(model, tied_loss, [batch], ["alias.bias", "dec.weight"], hvp_backend=backend)
+    assert alias.space.names == ["shared.bias", "emb.weight"]
+    with pytest.raises(ValueError, match="tied weights count once"):
+        HessianOperator(model, tied_loss, [batch], ["shared.bias", "alias.bias"])

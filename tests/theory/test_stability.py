@@ -109,7 +109,9 @@ def test_estimator_matches_the_closed_form_leave_one_out(data):
         batches.append([len(s) for s in index_sets])
         return [ridge(x, y, s) for s in index_sets]
 
-    many = pointwise_hypothesis_stability(None, loss_at, N, num_samples=12, seed=3, train_many_fn=train_many_fn)
+    many = pointwise_hypothesis_stability(
+        None, loss_at, N, num_samples=12, seed=3, train_many_fn=train_many_fn
+    )
     assert batches == [[N] + [N - 1] * 12 + [N]]  # S, the twelve Sⁱ and the noise-floor rerun, in one call
     np.testing.assert_allclose(many.gaps, sub.gaps, rtol=1e-12)
     with pytest.raises(ValueError, match="train_fn or train_many_fn"):
