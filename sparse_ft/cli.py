@@ -97,11 +97,20 @@ def cmd_select(args) -> None:
 
 
 def cmd_tasks(args) -> None:
+    from .data import describe_data_source
     from .tasks import TASKS
 
     for task in TASKS.values():
         labels = "float" if task.labels is None else "/".join(map(str, task.labels))
         print(f"{task.name:6s} {task.kind:16s} metric={task.metric:22s} fields={','.join(task.fields)} labels={labels}")
+        print(f"{'':6s} data: {describe_data_source(task, args.data_dir)}")
+
+
+def cmd_fetch_data(args) -> None:
+    from .data import fetch_data
+
+    fetch_data(args.tasks, args.output, seed=args.seed, overwrite=args.overwrite, log=print)
+    print(f"use it with --data-dir {args.output} or SPARSE_FT_DATA={args.output}")
 
 
 def cmd_methods(args) -> None:
@@ -297,7 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(func=cmd_reproduce)
 
-    sub.add_parser("tasks", help="list the tasks").set_defaults(func=cmd_tasks)
+    p = sub.add_parser("tasks", help="list the tasks and where each one's data comes from")
+    p.add_argument("--data-dir", help="DIR/<task>/{train,val,test}.jsonl; default $SPARSE_FT_DATA, else the hub")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("fetch-data", help="write the paper's tasks from the hub as DIR/<task>/{train,val,test}.jsonl")
+    p.add_argument("tasks", nargs="*", help="task names or task files with a [hub] (default: every registry task)")
+    p.add_argument("--output", required=True, help="the data folder to write (then --data-dir DIR)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the 90/10 split of train into train/val")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.set_defaults(func=cmd_fetch_data)
     sub.add_parser("methods", help="list the methods and their options").set_defaults(func=cmd_methods)
     return parser
 
