@@ -33,9 +33,9 @@ from common import (
     task_model,
 )
 
-from sparse_ft.delta import SparseDeltaTuned, scope_budget, select_top_k
 from sparse_ft.methods import BuildContext, make_method_config
 from sparse_ft.methods.base import backbone_size
+from sparse_ft.methods.masks import SparseDeltaTuned, scope_budget, select_top_k
 from sparse_ft.train import TrainConfig, make_objective, make_optimizer, train_step
 
 SPARSITIES = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)

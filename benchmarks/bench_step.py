@@ -52,8 +52,9 @@ from common import (
     task_model,
 )
 
-from sparse_ft.delta import LINEAR_GRADS, SparseDelta, SparseDeltaTuned
+from sparse_ft.delta import LINEAR_GRADS, SparseDelta
 from sparse_ft.methods import BuildContext, make_method_config
+from sparse_ft.methods.masks import SparseDeltaTuned
 from sparse_ft.train import TrainConfig, make_objective, make_optimizer, train_step
 
 METHODS = ("full", "bitfit", "lora", "sam", "sam-definition", "masked-dense")

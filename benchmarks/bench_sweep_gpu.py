@@ -1,7 +1,7 @@
 """Sweep throughput on one GPU: runs per hour with ``--jobs-per-gpu K`` against ``--jobs-per-gpu 1``.
 
 A small grid (one task, one method, N seeds; every run a full ``sparse-ft train``: data, model, mask
-selection, training, evaluation, result.json) is run through :func:`sparse_ft.sweep.run_sweep` on GPU 0
+selection, training, evaluation, result.json) is run through :func:`sparse_ft.experiments.sweep.run_sweep` on GPU 0
 alone (``CUDA_VISIBLE_DEVICES`` is narrowed to the first visible card), once with one job on the card
 and once with K jobs sharing it, alternating ``--repeats`` times, each into a fresh results folder.
 runs/hour = N / wall seconds × 3600; the ratio is the speed-up (target ≥ 2.5 for K = 4). A single
@@ -58,7 +58,8 @@ def save_roberta_base_like(folder: Path) -> str:
 
 def sweep_once(args, model: str, data_dir: str, jobs_per_gpu: int, root: Path) -> dict:
     """One timed sweep of N runs into a fresh folder; returns wall seconds and per-run figures."""
-    from sparse_ft.sweep import SweepSpec, load_results, run_sweep
+    from sparse_ft.experiments.results import load_results
+    from sparse_ft.experiments.sweep import SweepSpec, run_sweep
 
     sweep = SweepSpec(tasks=[args.task], methods=[args.method],
                       sparsities=[args.sparsity] if args.sparsity is not None else [None],

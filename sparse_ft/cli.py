@@ -53,7 +53,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def spec_from_args(args):
-    from .run import RunSpec
+    from .experiments.run import RunSpec
 
     overrides = {k: getattr(args, k) for k in ("max_steps", "batch_size", "lr", "eval_every", "max_length")}
     if getattr(args, "compile", None) is not None:
@@ -68,7 +68,8 @@ def spec_from_args(args):
 
 
 def cmd_train(args) -> None:
-    from .run import RESULT_FILE, execute, summary_line, write_json_atomic
+    from .experiments.results import RESULT_FILE, summary_line, write_json_atomic
+    from .experiments.run import execute
 
     spec = spec_from_args(args)
     spec.validate()
@@ -78,9 +79,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_select(args) -> None:
-    from .delta import MaskMethodConfig, SparseDeltaTuned
+    from .experiments.run import prepare
     from .methods import METHODS, make_method_config
-    from .run import prepare
+    from .methods.masks import MaskMethodConfig, SparseDeltaTuned
+    from .methods.saving import save_tuned
 
     spec = spec_from_args(args)
     config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
@@ -91,7 +93,7 @@ def cmd_select(args) -> None:
     indices, budget = config.select(run.model.to(run.device), run.context)
     tuned = SparseDeltaTuned(run.model, config, indices, budget)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    tuned.save(args.output, values=False)
+    save_tuned(tuned, args.output, weights=False, metadata={"base_model": spec.model})
     print(tuned.describe())
     print(f"mask saved to {args.output}; train on it with `sparse-ft train ... --mask {args.output}`")
 
@@ -136,7 +138,7 @@ def _csv(kind):
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import SweepSpec, load_sweep_file, run_sweep
+    from .experiments.sweep import SweepSpec, load_sweep_file, run_sweep
 
     if args.file:
         sweep = load_sweep_file(args.file)
@@ -160,7 +162,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import write_report
+    from .experiments.report import write_report
 
     for line in write_report(args.results, args.output, paper_csv=args.paper):
         print(line)
@@ -169,13 +171,13 @@ def cmd_report(args) -> None:
 def _emit(payload: dict, text: str, json_path: str | None) -> None:
     print(text)
     if json_path:
-        from .run import write_json_atomic
+        from .experiments.results import write_json_atomic
 
         write_json_atomic(Path(json_path), payload)
 
 
 def cmd_spectrum(args) -> None:
-    from .instruments import measure_selected
+    from .experiments.measure import measure_selected
 
     m = measure_selected(spec_from_args(args), examples=args.examples, lanczos_steps=args.lanczos_steps)
     flag = "converged" if m.converged else "NOT converged: an unconverged lambda_min is too high"
@@ -202,7 +204,7 @@ def cmd_bounds(args) -> None:
 def cmd_stability(args) -> None:
     from theory.bounds import check_stability
 
-    from .instruments import loo_stability, measure_selected
+    from .experiments.measure import loo_stability, measure_selected
 
     spec = spec_from_args(args)
     estimate, n = loo_stability(spec, retrains=args.retrains, seed=args.seed, replicas=args.replicas,
@@ -219,7 +221,7 @@ def cmd_stability(args) -> None:
 
 def cmd_reproduce(args) -> None:
     from .data import resolve_data_dir
-    from .reproduce import reproduce
+    from .experiments.reproduce import reproduce
 
     paper = args.paper
     folder = resolve_data_dir(args.data_dir)
@@ -322,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .run import quiet_libraries
+    from .experiments.run import quiet_libraries
 
     quiet_libraries()
     try:

@@ -40,11 +40,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from .delta import SparseDeltaTuned
 from .errors import UserError
 from .methods.base import TunedModel
+from .methods.scoring import eager_attention
 from .models import example_losses
-from .scoring import eager_attention
 from .train import (
     EarlyStopping,
     MetricAccumulator,
@@ -96,8 +95,7 @@ class ReplicaStack:
             if type(tuned).on_step_end is not TunedModel.on_step_end or tuned.regularization() is not None:
                 raise UserError(f"method {tuned.config.name!r} changes its tunable set or adds a penalty while "
                                 "training, so its replicas cannot be trained as one batch; train them one by one")
-            if isinstance(tuned, SparseDeltaTuned):
-                tuned.reset_storage()  # the shared stored tensors must hold θ0 (see sparse_ft.delta)
+            tuned.prepare_functional()  # e.g. a sparse delta's shared stored tensors must hold θ0
         self.base, self.models, self.task = base, list(tuned_models), base.task
         self.count = len(tuned_models)
         named = [dict(m.named_parameters()) for m in tuned_models]

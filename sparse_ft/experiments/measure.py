@@ -18,10 +18,10 @@ from theory.hessian import HessianOperator
 from theory.lanczos import lanczos
 from theory.lipschitz import per_sample_grad_norms
 
-from .errors import UserError, check_range
+from ..errors import UserError, check_range
+from ..methods.scoring import eager_attention
+from ..train import to_device
 from .run import RunSpec, build_tuned, fit, fit_replicas, prepare
-from .scoring import eager_attention
-from .train import to_device
 
 HEAD = "model.head."
 

@@ -19,7 +19,9 @@ import numpy as np
 from theory.ranks import ScoreRow, load_paper_table
 from theory.stability import seed_variance_stability
 
-from .tasks import TASKS
+from ..errors import UserError
+from ..tasks import TASKS
+from .results import load_results
 
 AVG = "avg"
 
@@ -142,8 +144,6 @@ def comparison_markdown(table: Table, paper_rows: list[ScoreRow]) -> str:
 def write_report(results_dir: str | Path, output: str | Path, paper_csv: str | Path | None = None) -> list[str]:
     """Write table1.md/.csv (and comparison.md with the paper's numbers) from a results folder;
     returns the lines to print: problems with unreadable results first, then the table."""
-    from .errors import UserError
-    from .sweep import load_results
 
     results, problems = load_results(results_dir)
     if not results:

@@ -19,17 +19,26 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from theory.bounds import stability_bound_report
+from theory.ranks import analyze_ranks, plot_ranks
+from theory.stability import seed_variance_stability
+
+from ..errors import UserError
+from ..train import preset
+from .measure import loo_stability, measure_selected
 from .report import (
     build_table,
     comparison_markdown,
     load_paper_table,
     plot_projection_discontinuity,
     plot_sparsity_effect,
+    score_rows,
     to_csv,
     to_markdown,
 )
-from .sweep import SweepSpec, load_results, run_sweep
+from .results import load_results
+from .run import RunSpec
+from .sweep import SweepSpec, run_sweep
 
 ALL_METHODS = ["full", "random", "mixout", "bitfit", "magnitude", "adapter", "lora", "diffpruning",
                "childpruning", "sam"]
@@ -101,8 +110,6 @@ def _sweep(plan: Plan, data_dir, tasks, methods, seeds, sparsities=(None,), opti
 
 
 def run_lr(plan: Plan, method: str) -> float:
-    from .train import preset
-
     return preset(plan.preset, **{**plan.train, **plan.train_by_method.get(method, {})}).lr
 
 
@@ -180,12 +187,6 @@ def _figure3_points(plan: Plan, data_dir, output: Path, sweep: SweepSpec) -> lis
     The bound and ε̂ refer to the same algorithm: SAM trained on ``plan.loo['n']`` examples for
     ``plan.loo['max_steps']`` steps, losses on the mean cross-entropy scale.
     """
-    from theory.bounds import stability_bound_report
-    from theory.stability import seed_variance_stability
-
-    from .instruments import loo_stability, measure_selected
-    from .run import RunSpec
-
     results = [r for r in load_results(output / "runs" / "table")[0] if sweep.contains(r)]
     loo = plan.loo
     task = plan.tasks[0]
@@ -224,10 +225,6 @@ def _figure3_points(plan: Plan, data_dir, output: Path, sweep: SweepSpec) -> lis
 
 def _figure2(table, output: Path, paper_csv) -> dict:
     """Figure 2: stability rank against performance rank, for our table and for the paper's."""
-    from theory.ranks import analyze_ranks, plot_ranks
-
-    from .report import score_rows
-
     stats = {}
     sources = [("ours", score_rows(table))]
     if paper_csv:

@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from . import data as data_mod
-from .errors import UserError, check_range
-from .methods import BuildContext, make_method_config
-from .models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer
-from .tasks import REGRESSION, get_task
-from .train import compiles, evaluate, peak_memory_mb, preset, to_device, train
-
-RESULT_FILE = "result.json"
+from .. import data as data_mod
+from ..errors import UserError, check_range
+from ..methods import BuildContext, make_method_config
+from ..models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer
+from ..tasks import REGRESSION, get_task
+from ..train import compiles, evaluate, peak_memory_mb, preset, to_device, train
 
 
 @dataclass
@@ -156,7 +151,7 @@ def build_method(spec: RunSpec, model: TaskModel, context: BuildContext):
     """Apply ``spec``'s method (or its saved mask) to ``model``, selecting on ``context``'s data."""
     method_config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
     if spec.mask_path:
-        from .delta import load_mask_into  # only mask methods have saved masks
+        from ..methods.masks import load_mask_into
 
         return load_mask_into(spec.mask_path, model, method_config)
     return method_config.build(model, context)
@@ -177,7 +172,7 @@ def fit_replicas(spec: RunSpec, excludes: list[frozenset[int]], progress: bool =
     """:func:`fit` for each ``exclude`` in ``excludes``, trained as one batch of replicas
     (:mod:`sparse_ft.replicas`): each replica selects its own tunable set on its own data. Returns the
     prepared run, the trained tuned models and their outcomes, in the order of ``excludes``."""
-    from .replicas import train_replicas
+    from ..replicas import train_replicas
 
     run = prepare(spec)  # run.model stays θ0: each replica builds its method on a copy
     collator, pin, seeds = run.loaders["train"].collate_fn, run.device.type == "cuda", spec.seeds()
@@ -225,19 +220,3 @@ def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
     }
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that a reader never sees a half-written file (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(tmp, path)
-
-
-def summary_line(result: dict) -> str:
-    rep = result["sparsity_report"]
-    return (f"{result['task']} {result['method']} seed {result['seed']}: val {result['score']['val']:.2f} "
-            f"test {result['score']['test']:.2f} (major metric x100 on {result['data']['test']} test examples) | "
-            f"changed {rep['changed']:,}/{rep['backbone_params']:,} = {rep['realized']:.4%} | "
-            f"{result['steps']} steps, train {result['train_seconds']:.1f}s, wall {result['wall_seconds']:.1f}s, "
-            f"peak {result['peak_memory_mb']:.0f} MB")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import re
 import sys
@@ -21,13 +20,13 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError, check_range
-from .methods import get_method, make_method_config
-from .run import RESULT_FILE, RunSpec, execute, quiet_libraries, write_json_atomic
-from .tasks import get_task
-from .train import preset
+from ..errors import UserError, check_range
+from ..methods import get_method, make_method_config
+from ..tasks import get_task
+from ..train import preset
+from .results import ERROR_FILE, RESULT_FILE, write_json_atomic
+from .run import RunSpec, execute, quiet_libraries
 
-ERROR_FILE = "error.json"
 TRAIN_KEYS = ("max_steps", "lr", "batch_size", "eval_every", "max_length")
 RUN_KEYS = ("model", "data_dir", "preset", "train_limit", "eval_limit", "device")
 SWEEP_KEYS = ("tasks", "methods", "sparsities", "seeds", "options", "train_by_method", *RUN_KEYS, *TRAIN_KEYS)
@@ -244,16 +243,3 @@ def _run_ray(specs: list[RunSpec], root: Path, jobs_per_gpu: int, threads: int, 
     return statuses
 
 
-def load_results(root: str | Path) -> tuple[list[dict], list[str]]:
-    """Every readable result.json under ``root``, and one line per corrupt one (never averaged)."""
-    results, problems = [], []
-    for path in sorted(Path(root).rglob(RESULT_FILE)):
-        try:
-            result = json.loads(path.read_text())
-            result["score"]["test"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            problems.append(f"{path}: unreadable result ({type(exc).__name__}), skipped")
-            continue
-        result["_path"] = str(path)
-        results.append(result)
-    return results, problems

@@ -1,9 +1,11 @@
-"""One module per method; importing this package registers every one of them in ``METHODS``."""
+"""The ten methods and full fine-tuning, one module each; importing this package registers every one.
 
-import importlib
-import pkgutil
-import sys
+The family's base classes live in :mod:`.base` (every method), :mod:`.masks` (the mask family) and
+:mod:`.saving` (one file format for all); none of them imports a method. A new method is a module here
+with a ``@register``-ed config, imported below: the contract tests then run over it.
+"""
 
+from .adapter import AdapterConfig
 from .base import (
     METHODS,
     BuildContext,
@@ -13,20 +15,18 @@ from .base import (
     get_method,
     make_method_config,
 )
+from .bitfit import BitFitConfig
+from .childpruning import ChildPruningConfig
+from .diffpruning import DiffPruningConfig
+from .full import FullConfig
+from .lora import LoRAConfig
+from .magnitude import MagnitudeConfig
+from .mixout import MixoutConfig
+from .random import RandomConfig
+from .sam import SamConfig
+from .saving import load_tuned, save_tuned
 
-
-def import_method_modules() -> None:
-    """Import every method module (each registers itself in ``METHODS``); idempotent."""
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-# The mask methods subclass classes of sparse_ft.delta, which imports .base and so runs this file
-# before its own body when it is imported first: then the modules wait until delta is complete.
-deferred = "sparse_ft.delta" in sys.modules
-if not deferred:
-    import_method_modules()
-
-__all__ = ["METHODS", "BuildContext", "MethodConfig", "SparsityReport", "TunedModel", "get_method",
-           "make_method_config"]
+__all__ = ["METHODS", "AdapterConfig", "BitFitConfig", "BuildContext", "ChildPruningConfig", "DiffPruningConfig",
+           "FullConfig", "LoRAConfig", "MagnitudeConfig", "MethodConfig", "MixoutConfig", "RandomConfig",
+           "SamConfig", "SparsityReport", "TunedModel", "get_method", "load_tuned", "make_method_config",
+           "save_tuned"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,7 +41,10 @@ def get_method(name: str) -> type[MethodConfig]:
 
 
 def make_method_config(name: str, sparsity: float | None = None, **options) -> MethodConfig:
-    """The config of method ``name`` with its documented defaults, ``sparsity`` and known ``options``."""
+    """The config of method ``name`` with its documented defaults, ``sparsity`` and known ``options``.
+
+    Raises :class:`UserError` for an unknown method or option, p outside (0, 1], or a sparsity given to
+    a method that fixes its own (full, bitfit, mixout: set mixout's r with ``ratio``)."""
     if sparsity is not None:
         check_range("sparsity", sparsity, 0.0, 1.0, low_open=True)
     cls = get_method(name)
@@ -48,12 +52,31 @@ def make_method_config(name: str, sparsity: float | None = None, **options) -> M
     unknown = sorted(set(options) - known)
     if unknown:
         raise UserError(f"method {name!r} has no option(s) {unknown}; options: {sorted(known)}")
-    config = cls(**options)
-    if sparsity is not None:
-        if not cls.uses_sparsity:
-            raise UserError(f"method {name!r} fixes its own sparsity; do not pass --sparsity")
-        config.sparsity = sparsity
-    return config
+    if sparsity is not None and not cls.uses_sparsity:
+        raise UserError(f"method {name!r} fixes its own sparsity; do not pass --sparsity{cls.sparsity_hint}")
+    return cls(**options) if sparsity is None else cls(sparsity=sparsity, **options)
+
+
+def config_from_dict(fields: dict) -> MethodConfig:
+    """The config that :meth:`MethodConfig.to_dict` wrote (keys that are not fields, such as derived
+    values, are ignored)."""
+    cls = get_method(fields["name"])
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in fields.items() if k in known})
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """A hash of θ0's identity: names, shapes, sums and a few values of every floating backbone tensor.
+    Saved with every tuned model, so that a file is never applied to another base model."""
+    digest = hashlib.sha256()
+    for name, tensor in backbone.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        flat = tensor.detach().reshape(-1)
+        probe = torch.cat([flat[:8], flat[-8:]]).double().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}{float(flat.double().sum()):.6e}".encode())
+        digest.update(probe.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def backbone_size(model: TaskModel) -> int:
@@ -98,11 +121,17 @@ class MethodConfig:
 
     name: ClassVar[str] = ""
     uses_sparsity: ClassVar[bool] = True
+    sparsity_hint: ClassVar[str] = ""  # how to set p instead, for methods that fix their own
     citation: ClassVar[str] = ""
     sparsity: float | None = None
 
     def build(self, model: TaskModel, context: BuildContext) -> TunedModel:
         raise NotImplementedError
+
+    def rebuild(self, model: TaskModel, state: dict[str, torch.Tensor], metadata: dict) -> TunedModel:
+        """The structure of a saved tuned model on ``model`` (at θ0), before its saved state is loaded:
+        no data is needed. The default builds afresh; the mask family rebuilds from the saved index sets."""
+        return self.build(model, BuildContext())
 
     def to_dict(self) -> dict:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -165,6 +194,7 @@ class TunedModel(nn.Module, abc.ABC):
         self.model = model
         self.config = config
         self.backbone_params = backbone_size(model)
+        self.fingerprint = backbone_fingerprint(model.backbone)  # of θ0: nothing has changed it yet
 
     def forward(self, batch: dict) -> torch.Tensor:
         return self.model(batch)
@@ -185,6 +215,22 @@ class TunedModel(nn.Module, abc.ABC):
         """Called after each optimizer step; return True when the set of trainable tensors changed
         (a projection), so the trainer rebuilds its optimizer."""
         return False
+
+    def prepare_functional(self) -> None:
+        """Make the module ready for ``torch.func.functional_call`` with substituted tensors (the sparse
+        delta's stored tensors must hold θ0 then); a no-op for most methods."""
+
+    @property
+    def eval_is_random(self) -> bool:
+        """True when the evaluation-mode function is random (Mixout's eval-time reset)."""
+        return False
+
+    @contextlib.contextmanager
+    def frozen_evaluation(self, seed: int = 0):
+        """Within the block, the evaluation-mode function is one fixed function: a random one
+        (:attr:`eval_is_random`) is drawn once from ``seed``. Yields a record of the draw (a dict for
+        the measurement's JSON), empty for deterministic methods."""
+        yield {}
 
     def head_param_count(self) -> int:
         return sum(p.numel() for p in self.model.head.parameters())
@@ -211,7 +257,7 @@ class TunedModel(nn.Module, abc.ABC):
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(state) - set(self.state_dict())
         if missing:
-            raise RuntimeError(f"checkpoint does not fit this model: {sorted(missing)[:3]}")
+            raise UserError(f"saved state does not fit this {self.config.name} model: {sorted(missing)[:3]}")
         self.load_state_dict(state, strict=False)
 
     @abc.abstractmethod

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..delta import MaskMethodConfig
 from ..errors import UserError
 from ..models import TaskModel
 from .base import BuildContext, register
+from .masks import MaskMethodConfig
 
 
 def is_bias(name: str) -> bool:
@@ -22,14 +22,13 @@ class BitFitConfig(MaskMethodConfig):
     """BitFit: every bias entry of the backbone (attention, feed-forward and LayerNorm biases).
 
     The budget is the number of bias entries, so p = budget / m is fixed by the architecture
-    (0.1% for roberta-base); ``scope`` has no effect, whole tensors are kept under both scopes.
+    (0.1% for roberta-base); the method has no options.
     """
 
     name = "bitfit"
     uses_sparsity = False
     citation = ("Zaken et al. 2021, BitFit: Simple Parameter-efficient Fine-tuning for "
                 "Transformer-based Masked Language-models")
-    sparsity: float | None = None
 
     def select(self, model: TaskModel, context: BuildContext) -> tuple[dict[str, torch.Tensor], int]:
         """Whole bias tensors (no scoring); the budget is their entry count."""

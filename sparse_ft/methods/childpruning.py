@@ -20,16 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..delta import MaskMethodConfig, SparseDeltaTuned
 from ..errors import check_range
 from ..models import TaskModel
-from ..scoring import fisher_diagonal, selection_data, training_mode
 from .base import BuildContext, register
+from .masks import ScoredMaskConfig, SparseDeltaTuned
+from .scoring import fisher_diagonal, selection_data, training_mode
 
 
 @register
 @dataclass
-class ChildPruningConfig(MaskMethodConfig):
+class ChildPruningConfig(ScoredMaskConfig):
     """ChildPruning: the entries of largest empirical Fisher information (ChildTuning-D, Xu et al. 2021).
 
     Options: ``scope`` ("global", ChildTuning-D's single percentile), ``selection_examples``

@@ -44,17 +44,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..delta import MaskMethodConfig, SparseDeltaTuned, scope_budget
 from ..errors import UserError, check_range
 from ..models import TaskModel
 from .base import BuildContext, register
+from .masks import ScoredMaskConfig, SparseDeltaTuned, saved_indices, scope_budget
 
 _EPS = 1e-6  # keeps log u and log(1 − u) finite
 
 
 @register
 @dataclass
-class DiffPruningConfig(MaskMethodConfig):
+class DiffPruningConfig(ScoredMaskConfig):
     """DiffPruning: hard-concrete gated diff with an L0 penalty, projected to the top ⌊m·p⌋ gate logits.
 
     Options (defaults from Guo et al. 2021, see the module docstring): ``burn_in_steps`` (None = half
@@ -100,6 +100,13 @@ class DiffPruningConfig(MaskMethodConfig):
             raise UserError(f"burn_in_steps={burn_in} exceeds the run's {context.max_steps} steps: "
                             "the model would never be projected to p-sparse")
         return DiffPruningTuned(model, self, burn_in)
+
+    def rebuild(self, model: TaskModel, state: dict[str, torch.Tensor], metadata: dict) -> SparseDeltaTuned:
+        """A saved run after its projection is a plain sparse delta on the saved index sets (the same
+        function); one saved in the gated phase gets its gates back."""
+        if saved_indices(state):
+            return super().rebuild(model, state, metadata)
+        return DiffPruningTuned(model, self, self.burn_in_steps or 1)
 
 
 class HardConcreteDelta(nn.Module):
@@ -209,8 +216,3 @@ class DiffPruningTuned(SparseDeltaTuned):
             theta0 = self.theta0(name)
             total += int((theta0 + gate.diff() != theta0).sum())
         return total
-
-    def save(self, path: str, values: bool = True) -> None:
-        if self.gated:
-            raise UserError("diffpruning is still in its gated (dense) phase: nothing p-sparse to save yet")
-        super().save(path, values)

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..delta import MaskMethodConfig
 from ..models import TaskModel
 from .base import BuildContext, register
+from .masks import ScoredMaskConfig
 
 
 @register
 @dataclass
-class MagnitudeConfig(MaskMethodConfig):
+class MagnitudeConfig(ScoredMaskConfig):
     """MagPruning: the top ⌊p·numel⌋ entries of |θ0| per tensor (or the top ⌊p·m⌋ overall).
 
     The score is the magnitude criterion of pruning (Han et al. 2015), used the other way round:

@@ -24,12 +24,13 @@ Training is plain full fine-tuning; each time the model is switched to evaluatio
 call, so every validation pass and the final val and test passes, as the authors drew a fresh mask per
 ``run_val``), a random r-portion of the entries of every affected tensor is reset to θ0 without
 rescaling. The authors reset every encoder tensor, so ``apply_to="all"`` is the default for this mode.
+Its evaluation-mode function is therefore random; a measurement (Hessian, ρ̂, leave-one-out losses)
+holds one draw fixed with :meth:`MixoutTuned.frozen_evaluation` and records its seed.
 The masks come from a generator seeded by the mask seed (DESIGN §4); the train-time masks of
 ``train_swap`` come from torch's global generator, like dropout.
 
-**Sparsity.** In the paper's terms a fraction ≈ 1 − r of the entries carries a change, so
-``uses_sparsity``: ``--sparsity p`` sets ``r = 1 − p`` (it is an error to give a different ``ratio``
-as well). The report compares the *evaluated* model with θ0 exactly: for ``train_swap`` that is the
+**Sparsity.** In the paper's terms a fraction ≈ 1 − r of the entries carries a change: Mixout's p is
+1 − r, set through ``ratio`` (default 0.9), never through a shared ``--sparsity``. The report compares the *evaluated* model with θ0 exactly: for ``train_swap`` that is the
 dense θ, so ``changed`` ≈ m and ``budget`` = m (any entry may change: mixout regularises dense
 fine-tuning, it does not make it sparse); for ``eval_reset`` it is θ with the current reset applied,
 and ``budget`` = the entries not reset by the current mask (≈ (1 − r)·m for ``apply_to="all"``), so
@@ -44,11 +45,12 @@ the weights that evaluation uses.
 
 Example::
 
-    >>> tuned = make_method_config("mixout", sparsity=0.1).build(task_model, BuildContext())  # r = 0.9
+    >>> tuned = make_method_config("mixout", ratio=0.9).build(task_model, BuildContext())  # p = 0.1
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -56,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import UserError, check_range
+from ..errors import UserError, check_choice, check_range
 from ..models import TaskModel
 from ..parametrized import unparametrize_copy
 from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
@@ -73,7 +75,10 @@ class MixoutConfig(MethodConfig):
     """Mixout: swap weights for θ0 at random while training (Lee et al.), or reset an r-portion to θ0
     at evaluation (the authors' code).
 
-    ``ratio``: r, the probability of taking θ0 (None: 1 − sparsity if given, else 0.9);
+    ``ratio``: r, the probability of taking θ0 (default 0.9, Lee et al.'s GLUE setting); p = 1 − r is
+    the expected fraction of entries that keep their change, so Mixout fixes its own p: a sweep's shared
+    sparsity does not apply (p = 0.005 would give r = 0.995, a 200× rescaling), and ``--sparsity`` is
+    refused in favour of ``-o ratio=R``.
     ``mode``: "train_swap" (Lee et al.) or "eval_reset" (Fu et al.'s code);
     ``apply_to``: "linear" (Linear weights), "all" (every backbone tensor) or "auto" (linear for
     train_swap, all for eval_reset); ``unit``: "entry" or "neuron" (train_swap: one draw per input
@@ -81,44 +86,25 @@ class MixoutConfig(MethodConfig):
     """
 
     name = "mixout"
-    uses_sparsity = True  # p = 1 - r: the expected fraction of entries that keep their change
+    uses_sparsity = False
+    sparsity_hint = " (mixout: set r with -o ratio=R, p = 1 - r)"
     citation = ("Lee, Cho and Kang 2020, Mixout: Effective Regularization to Finetune Large-scale "
                 "Pretrained Language Models (ICLR; arXiv 1909.11299)")
-    ratio: float | None = None
+    ratio: float = DEFAULT_RATIO
     mode: str = "train_swap"
     apply_to: str = "auto"
     unit: str = "entry"
 
     def __post_init__(self):
-        for option, value, allowed in (("mode", self.mode, MODES), ("apply_to", self.apply_to, APPLY_TO),
-                                       ("unit", self.unit, UNITS)):
-            if value not in allowed:
-                raise UserError(f"mixout {option} must be one of {allowed}, got {value!r}")
-        if self.ratio is not None:
-            check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        check_choice("mixout mode", self.mode, MODES)
+        check_choice("mixout apply_to", self.apply_to, APPLY_TO)
+        check_choice("mixout unit", self.unit, UNITS)
+        check_range("ratio", self.ratio, 0.0, 1.0, high_open=True)
         if self.apply_to == "auto":
             self.apply_to = "linear" if self.mode == "train_swap" else "all"
         if self.unit != "entry" and self.mode != "train_swap":
             raise UserError("mixout unit='neuron' applies to mode='train_swap' only "
                             "(eval_reset resets entries)")
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "sparsity" and value is not None:  # make_method_config sets it after __init__
-            self.effective_ratio()  # fail early on a contradicting ratio
-
-    def effective_ratio(self) -> float:
-        """r from ``ratio``, else from ``sparsity`` (r = 1 − p), else the default 0.9."""
-        from_sparsity = None if self.sparsity is None else 1.0 - self.sparsity
-        if self.ratio is not None and from_sparsity is not None and abs(self.ratio - from_sparsity) > 1e-12:
-            raise UserError(f"mixout: ratio={self.ratio} contradicts sparsity={self.sparsity} "
-                            "(ratio = 1 - sparsity); give one of them")
-        ratio = next((r for r in (self.ratio, from_sparsity) if r is not None), DEFAULT_RATIO)
-        check_range("ratio", ratio, 0.0, 1.0, high_open=True)
-        return ratio
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "effective_ratio": self.effective_ratio()}
 
     def build(self, model: TaskModel, context: BuildContext) -> MixoutTuned:
         return MixoutTuned(model, self, context.mask_seed)
@@ -156,9 +142,10 @@ class Mix(nn.Module):
 class MixoutTuned(TunedModel):
     def __init__(self, model: TaskModel, config: MixoutConfig, mask_seed: int = 0):
         super().__init__(model, config)
-        self.ratio = config.effective_ratio()
+        self.ratio = config.ratio
         self.mask_seed = mask_seed
         self.draws = 0  # evaluation-time reset masks drawn so far
+        self._frozen = False  # True inside frozen_evaluation: .eval() keeps the current reset
         model.requires_grad_(True)
         linear_only = config.apply_to == "linear"
         self._mixed: list[tuple[nn.Module, str]] = []
@@ -195,9 +182,31 @@ class MixoutTuned(TunedModel):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not mode and self.config.mode == "eval_reset":
+        if not mode and self.config.mode == "eval_reset" and not self._frozen:
             self.resample_reset()  # a fresh reset per evaluation, as the authors' run_val
         return self
+
+    @property
+    def eval_is_random(self) -> bool:
+        return self.config.mode == "eval_reset"
+
+    @contextlib.contextmanager
+    def frozen_evaluation(self, seed: int = 0):
+        """One reset mask, drawn from ``seed``, for every ``.eval()`` inside the block (``eval_reset``);
+        yields ``{"mixout_reset_seed": seed}`` for the measurement's record. Afterwards each evaluation
+        draws afresh again, from the mask seed's stream."""
+        if not self.eval_is_random:
+            yield {}
+            return
+        saved = (self.mask_seed, self.draws)
+        self.mask_seed, self.draws = seed, 0
+        self.resample_reset()
+        self._frozen = True
+        try:
+            yield {"mixout_reset_seed": seed}
+        finally:
+            self._frozen = False
+            self.mask_seed, self.draws = saved
 
     @torch.no_grad()
     def _counts(self) -> tuple[int, int]:

@@ -6,14 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..delta import MaskMethodConfig
 from ..models import TaskModel
 from .base import BuildContext, register
+from .masks import ScoredMaskConfig
 
 
 @register
 @dataclass
-class RandomConfig(MaskMethodConfig):
+class RandomConfig(ScoredMaskConfig):
     """Random: exactly ⌊p·numel⌋ uniformly drawn entries per tensor (or ⌊p·m⌋ overall), from the mask seed.
 
     Scores are i.i.d. U(0, 1) in float64, drawn tensor by tensor in the backbone's parameter order

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..delta import MaskMethodConfig
 from ..errors import UserError, check_range
 from ..models import TaskModel
-from ..scoring import hutchinson_diagonal, loss_gradient, selection_data, training_mode
 from .base import BuildContext, register
+from .masks import ScoredMaskConfig
+from .scoring import hutchinson_diagonal, loss_gradient, selection_data, training_mode
 
 CURVATURES = ("none", "diag")
 
@@ -45,7 +45,7 @@ def theorem3_score(gradient: torch.Tensor, curvature: torch.Tensor | None = None
 
 @register
 @dataclass
-class SamConfig(MaskMethodConfig):
+class SamConfig(ScoredMaskConfig):
     """SAM: the entries of largest squared mean-loss gradient at θ0 (Fu et al. 2023, Theorem 3).
 
     Options: ``selection_examples`` (None = every training example), ``dropout`` (False: eval mode;

@@ -37,8 +37,8 @@ from torch import nn
 from theory.hessian import HessianOperator
 from theory.subspace import default_batch_size, functional_loss
 
-from .errors import UserError
-from .models import batch_loss
+from ..errors import UserError
+from ..models import batch_loss
 
 BACKBONE = "backbone."
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from sparse_ft.cli import main
-from sparse_ft.run import RESULT_FILE
+from sparse_ft.experiments.results import RESULT_FILE
 
 REQUIRED_FIELDS = {"task", "method", "sparsity", "seed", "model", "metrics", "score", "sparsity_report", "steps",
                    "wall_seconds", "train_seconds", "peak_memory_mb"}

@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from sparse_ft import delta as delta_mod
-from sparse_ft.delta import SparseDelta, SparseDeltaTuned, _embedding_grad_at
+from sparse_ft.delta import SparseDelta, _embedding_grad_at
 from sparse_ft.errors import UserError
 from sparse_ft.methods import make_method_config
 from sparse_ft.methods.base import TunedModel
+from sparse_ft.methods.masks import SparseDeltaTuned
 from tests.conftest import tiny_task_model
 from tests.methods.mask_utils import context, single_thread, theta0  # noqa: F401 (autouse fixture)
 

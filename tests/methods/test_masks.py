@@ -4,11 +4,12 @@ exactness outside the mask, merge/save/load, seeds and ChildPruning's re-selecti
 import pytest
 import torch
 
-from sparse_ft.delta import load_mask_into, load_sparse_delta
 from sparse_ft.errors import UserError
 from sparse_ft.methods import make_method_config
 from sparse_ft.methods.base import backbone_size
 from sparse_ft.methods.bitfit import is_bias
+from sparse_ft.methods.masks import load_mask_into
+from sparse_ft.methods.saving import load_tuned, save_tuned
 from sparse_ft.train import TrainConfig, train
 from tests.methods.mask_utils import (
     adam_state_entries,
@@ -135,12 +136,12 @@ def test_merged_dense_model_gives_identical_logits(trained):
 def test_save_load_round_trip_and_other_base_refused(trained, tmp_path, tokenizer):
     tuned, batches = trained
     path = str(tmp_path / "delta.safetensors")
-    tuned.save(path)
-    loaded = load_sparse_delta(path, tiny(tokenizer)).eval()
+    save_tuned(tuned, path)
+    loaded = load_tuned(path, tiny(tokenizer)).eval()
     with torch.no_grad():
         assert all(torch.equal(loaded(b), tuned(b)) for b in batches)
     assert loaded.config == tuned.config and loaded.budget == tuned.budget
-    for load in (load_sparse_delta, lambda p, m: load_mask_into(p, m, tuned.config)):
+    for load in (load_tuned, lambda p, m: load_mask_into(p, m, tuned.config)):
         with pytest.raises(UserError, match="another base model"):
             load(path, tiny(tokenizer, seed=1))
 

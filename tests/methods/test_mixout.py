@@ -11,8 +11,8 @@ from sparse_ft.train import TrainConfig, train
 from tests.conftest import tiny_task_model
 
 
-def build(model, mask_seed=0, sparsity=None, **options):
-    return make_method_config("mixout", sparsity, **options).build(model, BuildContext(mask_seed=mask_seed))
+def build(model, mask_seed=0, **options):
+    return make_method_config("mixout", **options).build(model, BuildContext(mask_seed=mask_seed))
 
 
 def shift_backbone(tuned, delta=0.01):
@@ -141,7 +141,7 @@ def test_eval_reset_masks_follow_the_mask_seed():
 @pytest.mark.parametrize("mode", ["train_swap", "eval_reset"])
 def test_trains_through_the_trainer(mode, setup):
     model, loaders = setup
-    tuned = build(model, sparsity=0.2, mode=mode)
+    tuned = build(model, ratio=0.8, mode=mode)
     assert tuned.ratio == pytest.approx(0.8)
     config = TrainConfig(max_steps=4, eval_every=2, lr=1e-3, warmup_ratio=0.0, min_steps=0)
     outcome = train(tuned, loaders["train"], loaders["val"], config, torch.device("cpu"), progress=False)
@@ -151,15 +151,13 @@ def test_trains_through_the_trainer(mode, setup):
 
 
 def test_config_checks():
-    assert make_method_config("mixout").effective_ratio() == 0.9
-    assert make_method_config("mixout", 0.1).effective_ratio() == pytest.approx(0.9)
-    assert make_method_config("mixout", ratio=0.7).effective_ratio() == 0.7
+    assert make_method_config("mixout").ratio == 0.9
+    assert make_method_config("mixout", ratio=0.7).ratio == 0.7
     assert make_method_config("mixout").apply_to == "linear"
     assert make_method_config("mixout", mode="eval_reset").apply_to == "all"
-    assert make_method_config("mixout", 0.25).to_dict()["effective_ratio"] == 0.75
-    with pytest.raises(UserError, match="contradicts"):
-        make_method_config("mixout", 0.5, ratio=0.7)
-    assert make_method_config("mixout", 0.3, ratio=0.7).effective_ratio() == 0.7
+    assert make_method_config("mixout", ratio=0.75).to_dict()["ratio"] == 0.75
+    with pytest.raises(UserError, match="ratio=R"):  # a shared sparsity never sets r (0.005 -> r = 0.995)
+        make_method_config("mixout", 0.005)
     with pytest.raises(UserError, match="ratio"):
         make_method_config("mixout", ratio=1.0)
     with pytest.raises(UserError, match="mode"):
@@ -168,3 +166,21 @@ def test_config_checks():
         make_method_config("mixout", mode="eval_reset", unit="neuron")
     with pytest.raises(UserError, match="apply_to"):
         make_method_config("mixout", apply_to="attention")
+
+
+def test_frozen_evaluation_holds_one_recorded_draw(setup):
+    """Under a measurement the eval-time reset is one function: repeated .eval() calls give equal
+    logits, the draw is recorded, and afterwards every evaluation draws afresh again."""
+    model, loaders = setup
+    batch = next(iter(loaders["train"]))
+    tuned = build(model, ratio=0.5, mode="eval_reset", mask_seed=1)
+    shift_backbone(tuned)
+    assert tuned.eval_is_random
+    with tuned.frozen_evaluation(seed=7) as record:
+        first = tuned.eval()(batch)
+        second = tuned.train().eval()(batch)
+        assert torch.equal(first, second)
+    assert record == {"mixout_reset_seed": 7}
+    with tuned.frozen_evaluation(seed=7):
+        assert torch.equal(tuned.eval()(batch), first)  # the same seed, the same function
+    assert not torch.equal(tuned.train().eval()(batch), tuned.train().eval()(batch))

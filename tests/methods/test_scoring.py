@@ -1,4 +1,4 @@
-"""Gradient scoring (sparse_ft.scoring) and SAM's Theorem 3 rule, checked by hand computations."""
+"""Gradient scoring (sparse_ft.methods.scoring) and SAM's Theorem 3 rule, checked by hand computations."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparse_ft.methods import make_method_config
-from sparse_ft.scoring import fisher_diagonal, hutchinson_diagonal, loss_gradient, training_mode
+from sparse_ft.methods.scoring import fisher_diagonal, hutchinson_diagonal, loss_gradient, training_mode
 from tests.methods.mask_utils import (
     cb_batches,
     context,
