@@ -179,6 +179,25 @@ def test_conjugate_gradient_flags_negative_curvature():
         influence_loo_estimates(op, [np.ones(3)], n=10)
 
 
+def test_conjugate_gradient_returns_the_true_residual_when_ill_conditioned():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((100, 100)))
+    a = (q * np.repeat(np.logspace(0, -8, 10), 10)) @ q.T  # SPD, condition number 1e8, 10 clusters
+    a = (a + a.T) / 2
+    b = rng.standard_normal(100)
+    calls = []
+
+    def apply(u):
+        calls.append(1)
+        return a @ u
+
+    x, iters, rel, neg = conjugate_gradient(apply, b, 1e-12, 500)
+    true = np.linalg.norm(b - a @ x) / np.linalg.norm(b)
+    # the recursion went below 1e-12 and stopped; b - Ax stalled near 4e-9, and that is what is returned
+    assert rel == pytest.approx(true, rel=1e-6) and rel > 1e-10
+    assert iters < 500 and not neg and len(calls) == iters + 1
+
+
 def test_seed_variance_and_input_checks():
     scores = [88.0, 90.0, 92.0, 86.0]
     assert seed_variance_stability(scores) == pytest.approx(np.std(scores, ddof=1))
