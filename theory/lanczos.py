@@ -7,9 +7,12 @@ Q_m = [q_1..q_m] of the Krylov space and the tridiagonal T_m = Q_mᵀ A Q_m (dia
     A Q_m = Q_m T_m + β_m q_{m+1} e_mᵀ.
 
 With T_m = S diag(θ) Sᵀ, the Ritz pair (θ_i, y_i = Q_m s_i) has residual ||A y_i − θ_i y_i|| = |β_m s_{m,i}|
-(Parlett, *The Symmetric Eigenvalue Problem*, §13.2), so some eigenvalue of A lies within that residual of
+(Parlett, *The Symmetric Eigenvalue Problem*, §13.2), so *some* eigenvalue of A lies within that residual of
 θ_i. Ritz values lie inside [λmin, λmax] (Cauchy interlacing): an unconverged θ_max is too low and an
-unconverged θ_min too high. Basis and T are float64 whatever the operator's dtype; every new vector is
+unconverged θ_min too high. A small residual at θ_max does **not** say that the eigenvalue near it is
+λmax: a start (nearly) orthogonal to the top eigenvector converges to an interior eigenvalue with a tiny
+residual. :func:`extreme_eigenvalues` therefore runs several independent random starts and reports
+whether they agree (DESIGN §6 "Where"). Basis and T are float64 whatever the operator's dtype; every new vector is
 reorthogonalised twice against the whole basis (Gram-Schmidt "twice is enough"), which costs
 O(m·k) memory: keep num_steps · k · 8 bytes affordable.
 
@@ -19,13 +22,17 @@ Rademacher probe v, vᵀ f(A) v ≈ Σ_i τ_i f(θ_i) with nodes θ_i = eig(T_m)
 (Gauss quadrature, exact for polynomials of degree ≤ 2m−1). Averaging over probes with f a Gaussian
 of width σ estimates the smoothed density φ(t) = (1/k) Σ_j N(t; λ_j, σ²), which integrates to 1.
 
-**Power iteration** (the PyHessian baseline, Yao et al., IEEE BigData 2020): iterate v ← Av/||Av|| for
-the dominant eigenvalue μ1, then on μ1·I − A for the other end of the spectrum.
+**Power iteration** (the baseline of PyHessian, Yao et al., IEEE BigData 2020, whose ``eigenvalues()``
+computes the top (largest-magnitude) eigenvalues by power iteration with deflation, stopping on a
+relative change of the estimate): iterate v ← Av/||Av|| for the dominant eigenvalue μ1; our second
+phase, power iteration on μ1·I − A for the other end of the spectrum, is not in PyHessian.
 
 Example::
 
     res = lanczos(op, num_steps=30, seed=0)
     res.lambda_max, res.residual_max, res.converged
+    ext = extreme_eigenvalues(op, num_steps=30, starts=2, seed=0)
+    ext.lambda_max, ext.residual_max, ext.agree
     dens = slq_density(op, num_probes=5, num_steps=40)
     plot_density(dens, path="density.png", log_y=True)
 """
@@ -33,10 +40,12 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.linalg import eigh_tridiagonal
 
 from theory.operators import as_matvec
@@ -196,6 +205,178 @@ def dense_cross_check(op: Any, result: LanczosResult, max_dim: int = 3000) -> di
     }
 
 
+@dataclass
+class MultiStartExtremes(ExtremesCertificate):
+    """λmax / λmin over independent Lanczos starts, each with the residual of the start that gave it.
+
+    ``lambda_max`` = max over starts of the top Ritz value, ``lambda_min`` = min of the bottom one;
+    ``agree_max`` / ``agree_min``: every start's extreme Ritz value lies within the two residuals (plus a
+    rounding floor, ``floor``) of the reported one. ``converged_*`` as for :class:`LanczosResult` (residual ≤
+    ``tol``). What this certifies: see :func:`extreme_eigenvalues`.
+    """
+
+    lambda_max: float
+    lambda_min: float
+    residual_max: float
+    residual_min: float
+    tol: float
+    agree_max: bool
+    agree_min: bool
+    floor: float
+    runs: list[LanczosResult] = field(repr=False)
+    seeds: list[int | None]
+
+    @property
+    def agree(self) -> bool:
+        return self.agree_max and self.agree_min
+
+    @property
+    def num_matvecs(self) -> int:
+        return sum(r.num_matvecs for r in self.runs)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the reported extremes, the verdicts, and each start's extremes."""
+        return {
+            "lambda_max": self.lambda_max,
+            "residual_max": self.residual_max,
+            "lambda_min": self.lambda_min,
+            "residual_min": self.residual_min,
+            "tol": self.tol,
+            "converged_max": self.converged_max,
+            "converged_min": self.converged_min,
+            "agree_max": self.agree_max,
+            "agree_min": self.agree_min,
+            "num_matvecs": self.num_matvecs,
+            "starts": [
+                {
+                    "seed": seed,
+                    "num_steps": run.num_steps,
+                    "lambda_max": run.lambda_max,
+                    "residual_max": run.residual_max,
+                    "lambda_min": run.lambda_min,
+                    "residual_min": run.residual_min,
+                }
+                for seed, run in zip(self.seeds, self.runs)
+            ],
+        }
+
+    def __str__(self) -> str:
+        def state(converged: bool, agree: bool) -> str:
+            return (
+                f"{'converged' if converged else 'NOT converged'}, "
+                f"{'starts agree' if agree else 'starts DISAGREE: one found an interior eigenvalue'}"
+            )
+
+        return (
+            f"Lanczos, {len(self.runs)} starts, {self.num_matvecs} products\n"
+            f"  lambda_max = {self.lambda_max:.6g}  residual {self.residual_max:.2e}  "
+            f"{state(self.converged_max, self.agree_max)}\n"
+            f"  lambda_min = {self.lambda_min:.6g}  residual {self.residual_min:.2e}  "
+            f"{state(self.converged_min, self.agree_min)}\n"
+            f"  tolerance {self.tol:.2e}"
+        )
+
+
+def extreme_eigenvalues(
+    op: Any,
+    num_steps: int,
+    starts: int | Sequence[np.ndarray] = 2,
+    seed: int = 0,
+    *,
+    rtol: float = 1e-3,
+    atol: float | None = None,
+    stop_when_converged: bool = False,
+) -> MultiStartExtremes:
+    """λmax and λmin from several independent Lanczos starts, with what each number certifies.
+
+    Runs :func:`lanczos` from ``starts`` Rademacher vectors (seeds ``seed``, ``seed + 1``, ...; or from the
+    given start vectors), ``min(num_steps, dim)`` products each, and reports the largest top Ritz value and
+    the smallest bottom one, each with its own start's residual.
+
+    Certified (exact arithmetic; the operator's own rounding aside):
+
+    * **bracket**: λmax(A) ≥ ``lambda_max`` and λmin(A) ≤ ``lambda_min``: every Ritz value of every start
+      lies in [λmin, λmax], so the max (min) over starts is the tightest of these bounds;
+    * **localisation**: some eigenvalue of A lies within ``residual_max`` of ``lambda_max`` (within
+      ``residual_min`` of ``lambda_min``), the Ritz-pair residual bound.
+
+    Not certified: that the eigenvalue near ``lambda_max`` is λmax itself. A start with (almost) no
+    component on the top eigenvector converges, with a small residual, to an interior eigenvalue, and
+    λmax may then exceed ``lambda_max + residual_max`` by any amount. Independent random starts that agree
+    (``agree_max``: each start's top Ritz value within its residual plus the reported one's, plus ``floor``
+    = 100·eps(operator dtype)·max(|λmax|, |λmin|) for rounding) make such a miss unlikely, since each random
+    start has a nonzero component on every eigenvector almost surely; that is evidence, not proof (for a
+    probabilistic bound on the error of Lanczos with one random start on a PSD matrix, see Kuczyński &
+    Woźniakowski, SIAM J. Matrix Anal. Appl. 13(4), 1992). Disagreement means some start stopped at an
+    interior eigenvalue: the bracket still holds, the extreme is not found; run more steps or starts.
+
+    Args:
+        op: an operator (``dim``, ``matvec``), a dense symmetric matrix or a scipy ``LinearOperator``.
+        num_steps: Krylov dimension per start (capped at dim).
+        starts: the number of random starts (≥ 1; 2 by default), or a sequence of start vectors.
+        seed: seed of the first random start.
+        rtol, atol, stop_when_converged: as for :func:`lanczos`; ``tol`` = atol, else rtol·|lambda_max|.
+
+    Returns:
+        :class:`MultiStartExtremes`; ``to_dict()`` is JSON-ready. Costs the sum of the starts' products.
+    """
+    if isinstance(starts, (int, np.integer)) and not isinstance(starts, bool):
+        if starts < 1:
+            raise ValueError(f"starts must be >= 1, got {starts}")
+        seeds: list[int | None] = [seed + s for s in range(int(starts))]
+        vectors: list[Any] = ["rademacher"] * len(seeds)
+    else:
+        vectors = [np.asarray(v, dtype=np.float64) for v in starts]
+        seeds = [None] * len(vectors)
+        if not vectors:
+            raise ValueError("starts is empty")
+    runs = [
+        lanczos(
+            op,
+            num_steps,
+            0 if s is None else s,
+            start=v,
+            rtol=rtol,
+            atol=atol,
+            stop_when_converged=stop_when_converged,
+        )
+        for s, v in zip(seeds, vectors)
+    ]
+    top = max(runs, key=lambda r: r.lambda_max)
+    bottom = min(runs, key=lambda r: r.lambda_min)
+    scale = max(abs(top.lambda_max), abs(bottom.lambda_min), np.finfo(float).tiny)
+    floor = 100 * _operator_eps(op) * scale
+    agree_max = all(
+        abs(r.lambda_max - top.lambda_max) <= r.residual_max + top.residual_max + floor for r in runs
+    )
+    agree_min = all(
+        abs(r.lambda_min - bottom.lambda_min) <= r.residual_min + bottom.residual_min + floor for r in runs
+    )
+    tol = atol if atol is not None else rtol * max(abs(top.lambda_max), np.finfo(float).tiny)
+    return MultiStartExtremes(
+        top.lambda_max,
+        bottom.lambda_min,
+        top.residual_max,
+        bottom.residual_min,
+        float(tol),
+        agree_max,
+        agree_min,
+        float(floor),
+        runs,
+        seeds,
+    )
+
+
+def _operator_eps(op: Any) -> float:
+    """Unit roundoff of the operator's products: its torch/numpy dtype's eps, float64's by default."""
+    dtype = getattr(op, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return float(torch.finfo(dtype).eps)
+    if dtype is not None and np.issubdtype(np.dtype(dtype), np.floating):
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
 def _result(alphas, betas, basis, rtol, atol, return_vectors) -> LanczosResult:
     """Ritz values, residuals and quadrature weights of T_m (eigh of the tridiagonal, ascending)."""
     a, b = np.asarray(alphas), np.asarray(betas)
@@ -331,16 +512,18 @@ def power_iteration_extremes(
     atol: float | None = None,
     criterion: str = "residual",
 ) -> PowerIterationResult:
-    """Both ends of the spectrum by power iteration, as PyHessian does (Yao et al. 2020), counting products.
+    """Both ends of the spectrum by power iteration, counting products: the baseline Lanczos is compared with.
 
-    Phase 1 iterates v ← Av/||Av|| to the eigenvalue of largest magnitude μ1; phase 2 iterates on
-    μ1·I − A, whose dominant eigenvalue is μ1 − (the other end of A's spectrum). Each iteration costs one
-    product and yields the Rayleigh quotient μ = vᵀAv and residual ||Av − μv|| for free; each phase stops
-    after ``max_iters`` products at the latest.
+    Phase 1 is PyHessian's method (Yao et al., IEEE BigData 2020; ``pyhessian/hessian.py``,
+    ``hessian.eigenvalues``, which computes only top eigenvalues): v ← Av/||Av|| converges to the eigenvalue
+    of largest magnitude μ1. Phase 2 is ours, not PyHessian's: power iteration on μ1·I − A, whose dominant
+    eigenvalue is μ1 − (the other end of A's spectrum). Each iteration costs one product and yields the
+    Rayleigh quotient μ = vᵀAv and residual ||Av − μv|| for free; each phase stops after ``max_iters``
+    products at the latest.
     ``criterion="residual"`` stops when the residual is ≤ ``atol`` if given, else ≤ rtol·|μ1| (the
-    certificate Lanczos uses); ``"relative_change"`` stops when |μ_t − μ_{t−1}| ≤ rtol·|μ_t| (PyHessian's
-    rule, which certifies nothing). ``history`` holds, per phase, the (Rayleigh quotient of A, residual) of
-    every iteration.
+    certificate Lanczos uses); ``"relative_change"`` stops when |μ_{t−1} − μ_t| / (|μ_{t−1}| + 1e-6) < rtol
+    (PyHessian's rule, with its ``tol`` = rtol, which certifies nothing). ``history`` holds, per phase, the
+    (Rayleigh quotient of A, residual) of every iteration.
     """
     if criterion not in ("residual", "relative_change"):
         raise ValueError(f"criterion must be 'residual' or 'relative_change', got {criterion!r}")
@@ -353,7 +536,8 @@ def power_iteration_extremes(
         def stop(history: list[tuple[float, float]]) -> bool:
             mu, residual = history[-1]
             if criterion == "relative_change":
-                return len(history) > 1 and abs(mu - history[-2][0]) <= rtol * abs(mu)
+                previous = history[-2][0] if len(history) > 1 else None
+                return previous is not None and abs(previous - mu) / (abs(previous) + 1e-6) < rtol
             return residual <= (atol if atol is not None else rtol * abs(mu if scale is None else scale))
 
         return stop

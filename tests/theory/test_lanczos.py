@@ -1,12 +1,21 @@
 """Lanczos, SLQ and power iteration against dense eigendecompositions with known spectra."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from tests.theory.helpers import mlp_loss, reference_hessian
 from theory.hessian import HessianOperator
-from theory.lanczos import dense_cross_check, lanczos, plot_density, power_iteration_extremes, slq_density
+from theory.lanczos import (
+    dense_cross_check,
+    extreme_eigenvalues,
+    lanczos,
+    plot_density,
+    power_iteration_extremes,
+    slq_density,
+)
 from theory.operators import DenseOperator
 
 
@@ -143,3 +152,49 @@ def test_power_iteration_baseline_finds_the_same_extremes():
     assert neg.lambda_min == pytest.approx(-ev[-1], rel=1e-3) and neg.lambda_max == pytest.approx(
         -ev[0], rel=1e-3
     )
+
+
+def test_extreme_eigenvalues_over_random_starts_bracket_and_agree():
+    ev = spectrum()
+    a = matrix_with_spectrum(ev)
+    ext = extreme_eigenvalues(a, num_steps=60, starts=3, seed=4)
+    assert len(ext.runs) == 3 and ext.seeds == [4, 5, 6] and ext.num_matvecs == 180
+    assert ext.lambda_max == max(r.lambda_max for r in ext.runs)
+    assert ext.lambda_min == min(r.lambda_min for r in ext.runs)
+    # bracket: Ritz values lie inside the spectrum; localisation: within the residual of an eigenvalue
+    assert ext.lambda_max <= ev[-1] + 1e-12 and ext.lambda_min >= ev[0] - 1e-12
+    assert ev[-1] - ext.lambda_max <= ext.residual_max + 1e-12
+    assert ext.lambda_min - ev[0] <= ext.residual_min + 1e-12
+    assert ext.converged and ext.agree and "starts agree" in str(ext)
+    d = ext.to_dict()
+    assert json.loads(json.dumps(d)) == d and len(d["starts"]) == 3 and d["agree_max"] is True
+    # the one-start interface is unchanged
+    one = lanczos(a, 60, seed=4)
+    assert one.lambda_max == ext.runs[0].lambda_max and one.ritz_values[0] == one.lambda_min
+
+
+def test_a_converged_ritz_value_need_not_be_the_extreme_and_disagreement_says_so():
+    ev = spectrum()
+    a = np.diag(ev)  # eigenvectors = coordinate vectors, so a zero start entry stays exactly zero
+    rng = np.random.default_rng(0)
+    blind = rng.standard_normal(len(ev))
+    blind[-1] = 0.0  # no component on the top eigenvector
+    alone = lanczos(a, 40, start=blind)
+    # certified: some eigenvalue (9.0, the second largest) within the tiny residual, but not λmax = 12
+    assert alone.converged_max and abs(alone.lambda_max - ev[-2]) <= alone.residual_max + 1e-9
+    assert ev[-1] - alone.lambda_max > 2.9
+    ext = extreme_eigenvalues(a, 40, starts=[blind, rng.standard_normal(len(ev))])
+    assert ext.seeds == [None, None] and ext.lambda_max == pytest.approx(ev[-1], abs=1e-8)
+    assert not ext.agree_max and ext.agree_min and "DISAGREE" in str(ext)
+    with pytest.raises(ValueError, match="starts"):
+        extreme_eigenvalues(a, 10, starts=0)
+
+
+def test_extreme_eigenvalues_of_a_hessian_match_dense_eigh(mlp, mlp_batches):
+    names = [n for n, _ in mlp.named_parameters()]
+    ev = np.linalg.eigvalsh(reference_hessian(mlp, mlp_loss, mlp_batches, names).numpy())
+    op = HessianOperator(mlp, mlp_loss, mlp_batches, hvp_backend="double_backward")
+    ext = extreme_eigenvalues(op, num_steps=op.dim, starts=2, seed=0)
+    assert abs(ext.lambda_max - ev[-1]) <= 1e-8 * abs(ev).max() and ext.agree
+    assert abs(ext.lambda_min - ev[0]) <= 1e-8 * abs(ev).max()
+    assert ext.floor == pytest.approx(100 * np.finfo(np.float64).eps * abs(ev).max(), rel=1e-6)
