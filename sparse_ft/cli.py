@@ -68,14 +68,25 @@ def spec_from_args(args):
 
 
 def cmd_train(args) -> None:
-    from .experiments.results import RESULT_FILE, summary_line, write_json_atomic
+    from .experiments.results import summary_line
     from .experiments.run import execute
 
     spec = spec_from_args(args)
     spec.validate()
-    result = execute(spec, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr))
-    write_json_atomic(Path(args.output) / RESULT_FILE, result)
+    result = execute(spec, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr),
+                     output=args.output, save_model=args.save_model)
     print(summary_line(result))
+
+
+def cmd_evaluate(args) -> None:
+    from .experiments.results import write_json_atomic
+    from .experiments.saved import evaluate_run
+
+    out = evaluate_run(args.run, split=args.split, data_dir=args.data_dir, device=args.device)
+    if args.json:
+        write_json_atomic(Path(args.json), out)
+    print(f"{out['task']} {out['method']} at A(S), {out['split']} ({out['examples']} examples): "
+          f"score {out['score']:.2f} (major metric x100)")
 
 
 def cmd_select(args) -> None:
@@ -154,7 +165,7 @@ def cmd_sweep(args) -> None:
                    "eval_every": args.eval_every}
     sweep.train.update({k: v for k, v in train_flags.items() if v is not None})
     summary = run_sweep(sweep, args.output, jobs=args.jobs, jobs_per_gpu=args.jobs_per_gpu,
-                        executor=args.executor, progress=not args.quiet)
+                        executor=args.executor, progress=not args.quiet, save_model=args.save_model)
     print(f"sweep {args.output}: {summary['runs']} runs, {summary['skipped']} already done, "
           f"{summary['done']} done now, {summary['failed']} failed")
     if summary["failed"]:
@@ -237,9 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune one model on one task with one method")
     add_run_arguments(p)
     p.add_argument("--mask", help="train on a mask saved by `sparse-ft select`")
-    p.add_argument("--output", required=True, help="folder for result.json")
+    p.add_argument("--output", required=True, help="folder for result.json and model.safetensors (A(S))")
+    p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="write model.safetensors, the tuned model at A(S) (default: yes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a saved run's tuned model at A(S) on val or test")
+    p.add_argument("run", help="a run folder (result.json + model.safetensors)")
+    p.add_argument("--split", default="test", choices=("val", "test"))
+    p.add_argument("--data-dir", help="score on this data folder instead of the run's own")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--json", help="also write {split, metrics, score} to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("select", help="compute a mask method's mask without training and save it")
     add_run_arguments(p)
@@ -261,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-per-gpu", type=int, default=1, help="runs sharing one GPU")
     p.add_argument("--executor", choices=("local", "ray"), default="local")
     p.add_argument("--output", required=True, help="results folder (one sub-folder per run)")
+    p.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="each run writes model.safetensors, its tuned model at A(S) (default: yes)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_sweep)
 

@@ -12,15 +12,19 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .. import data as data_mod
 from ..errors import UserError, check_range
-from ..methods import BuildContext, make_method_config
+from ..methods import BuildContext, TunedModel, make_method_config
+from ..methods.masks import load_mask_into
+from ..methods.saving import save_tuned
 from ..models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer
 from ..tasks import REGRESSION, get_task
 from ..train import compiles, evaluate, peak_memory_mb, preset, to_device, train
+from .results import MODEL_FILE, RESULT_FILE, write_json_atomic
 
 
 @dataclass
@@ -151,8 +155,6 @@ def build_method(spec: RunSpec, model: TaskModel, context: BuildContext):
     """Apply ``spec``'s method (or its saved mask) to ``model``, selecting on ``context``'s data."""
     method_config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
     if spec.mask_path:
-        from ..methods.masks import load_mask_into
-
         return load_mask_into(spec.mask_path, model, method_config)
     return method_config.build(model, context)
 
@@ -187,13 +189,28 @@ def fit_replicas(spec: RunSpec, excludes: list[frozenset[int]], progress: bool =
     return run, tuned_models, outcomes
 
 
-def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
-    """Run one fine-tuning job and return its result dict (DESIGN §7)."""
+def final_metrics(tuned: TunedModel, run: PreparedRun, splits=("val", "test")) -> tuple[dict, dict]:
+    """The metrics of ``tuned`` (at A(S)) on ``splits``, with its evaluation function held fixed: a random
+    one (Mixout's eval-time reset) is drawn once from the mask seed. Returns the metrics by split and the
+    record of that draw (empty for deterministic methods), so that ``sparse-ft evaluate`` repeats them."""
+    with tuned.frozen_evaluation(seed=run.spec.seeds()["mask"]) as draw:
+        metrics = {name: evaluate(tuned, run.loaders[name], run.device, run.config.bf16) for name in splits}
+    return metrics, draw
+
+
+def execute(spec: RunSpec, progress: bool = True, log=print, output: str | Path | None = None,
+            save_model: bool = True) -> dict:
+    """Run one fine-tuning job and return its result dict (DESIGN §7).
+
+    With ``output``, the run is left in that folder: ``model.safetensors`` (the tuned model at A(S), the
+    checkpoint that was scored; unless ``save_model`` is False), then ``result.json``, whose presence marks
+    the run as finished."""
     wall_start = time.perf_counter()
     run, tuned, outcome = fit(spec, progress=progress, log=log)
-    metrics = {name: evaluate(tuned, run.loaders[name], run.device, run.config.bf16) for name in ("val", "test")}
+    metrics, draw = final_metrics(tuned, run)
     report = tuned.sparsity_report()
-    return {
+    folder = data_mod.resolve_data_dir(spec.data_dir)
+    result = {
         "task": spec.task,
         "method": spec.method,
         "sparsity": spec.sparsity if spec.sparsity is not None else report.budget / report.backbone_params,
@@ -217,6 +234,15 @@ def execute(spec: RunSpec, progress: bool = True, log=print) -> dict:
         "peak_memory_mb": peak_memory_mb(run.device),
         "device": str(run.device),
         "torch": torch.__version__,
+        "spec": dataclasses.asdict(spec),  # everything needed to rebuild the run (sparse-ft evaluate, analyze)
+        "data_dir": str(folder.resolve()) if folder else None,
+        "evaluation_draw": draw,
+        "model_file": MODEL_FILE if output is not None and save_model else None,
     }
+    if output is not None:
+        if save_model:
+            save_tuned(tuned, Path(output) / MODEL_FILE, metadata={"base_model": spec.model, "task": spec.task})
+        write_json_atomic(Path(output) / RESULT_FILE, result)
+    return result
 
 

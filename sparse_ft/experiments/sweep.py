@@ -151,7 +151,7 @@ def _fail(message: str):
     raise UserError(message)
 
 
-def _execute_into(spec: RunSpec, folder: str, threads: int | None = None) -> dict:
+def _execute_into(spec: RunSpec, folder: str, threads: int | None = None, save_model: bool = True) -> dict:
     """Run one spec and store result.json (or error.json); returns a status line for the parent."""
     import torch
 
@@ -161,12 +161,11 @@ def _execute_into(spec: RunSpec, folder: str, threads: int | None = None) -> dic
     folder = Path(folder)
     start = time.time()
     try:
-        result = execute(spec, progress=False, log=lambda msg: None)
+        result = execute(spec, progress=False, log=lambda msg: None, output=folder, save_model=save_model)
     except Exception as exc:  # noqa: BLE001 - a failed run is recorded, not fatal to the sweep
         write_json_atomic(folder / ERROR_FILE, {"spec": dataclasses.asdict(spec), "error": f"{type(exc).__name__}: {exc}",
                                                 "traceback": traceback.format_exc()})
         return {"folder": str(folder), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
-    write_json_atomic(folder / RESULT_FILE, result)
     (folder / ERROR_FILE).unlink(missing_ok=True)
     return {"folder": str(folder), "ok": True, "seconds": time.time() - start, "test": result["score"]["test"]}
 
@@ -183,7 +182,7 @@ def _assign_devices(specs: list[RunSpec], jobs_per_gpu: int) -> tuple[list[RunSp
 
 
 def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: int = 1, executor: str = "local",
-              progress: bool = True) -> dict:
+              progress: bool = True, save_model: bool = True) -> dict:
     """Run every unfinished run of ``sweep`` under ``root``; returns counts of done/skipped/failed."""
     from tqdm.auto import tqdm
 
@@ -198,10 +197,10 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
     statuses = []
     bar = tqdm(total=len(todo), desc=f"sweep ({skipped} already done)", unit="run", disable=not progress)
     if executor == "ray":
-        statuses = _run_ray(todo, root, jobs_per_gpu, threads, bar)
+        statuses = _run_ray(todo, root, jobs_per_gpu, threads, bar, save_model)
     elif workers <= 1:
         for spec in todo:
-            statuses.append(_execute_into(spec, str(run_dir(root, spec))))
+            statuses.append(_execute_into(spec, str(run_dir(root, spec)), None, save_model))
             bar.update(1)
     else:
         import multiprocessing
@@ -210,7 +209,7 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
         fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                  **fresh) as pool:
-            futures = [pool.submit(_execute_into, s, str(run_dir(root, s)), threads) for s in todo]
+            futures = [pool.submit(_execute_into, s, str(run_dir(root, s)), threads, save_model) for s in todo]
             for future in as_completed(futures):
                 statuses.append(future.result())
                 bar.update(1)
@@ -221,7 +220,7 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
     return {"runs": len(specs), "skipped": skipped, "done": len(statuses) - len(failed), "failed": len(failed)}
 
 
-def _run_ray(specs: list[RunSpec], root: Path, jobs_per_gpu: int, threads: int, bar) -> list[dict]:
+def _run_ray(specs: list[RunSpec], root: Path, jobs_per_gpu: int, threads: int, bar, save_model: bool) -> list[dict]:
     """One Ray task per run; a GPU run asks for 1/jobs_per_gpu of a GPU."""
     try:
         import ray
@@ -233,7 +232,7 @@ def _run_ray(specs: list[RunSpec], root: Path, jobs_per_gpu: int, threads: int, 
     refs = []
     for spec in specs:
         gpu = 1.0 / jobs_per_gpu if spec.device.startswith("cuda") else 0
-        refs.append(remote.options(num_gpus=gpu, num_cpus=1).remote(spec, str(run_dir(root, spec)), threads))
+        refs.append(remote.options(num_gpus=gpu, num_cpus=1).remote(spec, str(run_dir(root, spec)), threads, save_model))
     statuses = []
     pending = list(refs)
     while pending:

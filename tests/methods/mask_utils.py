@@ -57,13 +57,17 @@ def adam_state_entries(optimizer: torch.optim.Optimizer, skip: set[int]) -> int:
     return sum(state["exp_avg"].numel() for p, state in optimizer.state.items() if id(p) not in skip)
 
 
-def train_steps(tuned, batches, steps: int, lr: float = 1e-2, weight_decay: float = 0.1):
-    """The trainer's step in miniature: AdamW on the method's groups, its regularizer, its projections."""
+ADAMW_IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
+
+def train_steps(tuned, batches, steps: int, lr: float = 1e-2, weight_decay: float = 0.1, adamw: str = "for-loop"):
+    """The trainer's step in miniature: AdamW (``adamw``: one of torch's three implementations) on the
+    method's groups, its regularizer, its projections."""
     def make():
         groups = tuned.param_groups(weight_decay)
         for group in groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, **ADAMW_IMPLEMENTATIONS[adamw])
 
     tuned.train()
     optimizer, changes = make(), []
