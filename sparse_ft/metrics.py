@@ -73,13 +73,16 @@ def _corr(fn, pred, gold) -> float:
 
 
 def pearson(pred, gold) -> float:
+    """Pearson's r of float scores, in [-1, 1] (scipy); 0 when either side is constant."""
     return _corr(stats.pearsonr, pred, gold)
 
 
 def spearman(pred, gold) -> float:
+    """Spearman's rank correlation, in [-1, 1] (scipy); 0 when either side is constant."""
     return _corr(stats.spearmanr, pred, gold)
 
 
+# Each task metric: (pred, gold, labels) -> {metric name: value ×100, ..., "major": the Table 1 one ×100}.
 def _scaled(values: dict[str, float], major: float) -> dict[str, float]:
     return {**{k: 100.0 * v for k, v in values.items()}, "major": 100.0 * major}
 
