@@ -119,6 +119,39 @@ class TiedNet(torch.nn.Module):
         return self.dec(torch.tanh(self.alias(h)))
 
 
+def tied_case():
+    """A seeded float64 :class:`TiedNet` and one batch of token ids and labels."""
+    torch.manual_seed(0)
+    batch = {
+        "ids": torch.tensor([[0, 1, 2], [3, 4, 5], [5, 1, 0], [2, 2, 3]]),
+        "y": torch.tensor([0, 5, 3, 1]),
+    }
+    return TiedNet().double(), batch
+
+
+def random_eval_case(model_class):
+    """A seeded float64 model whose eval-mode forward is random, and one batch for ``mlp_loss``."""
+    torch.manual_seed(0)
+    return model_class().double(), {
+        "x": torch.randn(4, 5, dtype=torch.float64),
+        "y": torch.tensor([0, 1, 2, 1]),
+    }
+
+
+def snapshot(model):
+    """Every parameter under every name (tied ones included): the object and a copy of its value."""
+    return {n: (p, p.detach().clone()) for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def assert_untouched(model, before):
+    """The model holds the very same Parameter objects, bit-identical, under the same names."""
+    now = dict(model.named_parameters(remove_duplicate=False))
+    assert list(now) == list(before)
+    for name, param in now.items():
+        obj, value = before[name]
+        assert param is obj and isinstance(param, torch.nn.Parameter) and torch.equal(param, value)
+
+
 def tied_loss(model, batch):
     return F.cross_entropy(model(batch["ids"]), batch["y"])
 

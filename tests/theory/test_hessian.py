@@ -8,12 +8,15 @@ import torch.nn.functional as F
 from tests.theory.helpers import (
     NoisyForward,
     RedrawOnEval,
-    TiedNet,
+    assert_untouched,
     bert_loss,
     make_bert,
     masked_positions,
     mlp_loss,
+    random_eval_case,
     reference_hessian,
+    snapshot,
+    tied_case,
     tied_loss,
     tied_reference_hessian,
 )
@@ -306,9 +309,7 @@ def test_auto_backend_falls_back_to_double_backward_where_forward_mode_disagrees
 
 @pytest.mark.parametrize("model_class", [RedrawOnEval, NoisyForward])
 def test_a_random_eval_mode_function_is_refused(model_class):
-    torch.manual_seed(0)
-    model = model_class().double()
-    batch = {"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.tensor([0, 1, 2, 1])}
+    model, batch = random_eval_case(model_class)
     for call in (
         lambda op: op.matvec(torch.ones(op.dim, dtype=torch.float64)),
         lambda op: op.gradient(),
@@ -322,21 +323,13 @@ def test_a_random_eval_mode_function_is_refused(model_class):
 
 @pytest.mark.parametrize("backend", BACKENDS[:2])
 def test_tied_weights_hvp_matches_dense_and_model_is_untouched(backend):
-    torch.manual_seed(0)
-    model = TiedNet().double()
-    batch = {
-        "ids": torch.tensor([[0, 1, 2], [3, 4, 5], [5, 1, 0], [2, 2, 3]]),
-        "y": torch.tensor([0, 5, 3, 1]),
-    }
-    objects = dict(model.named_parameters(remove_duplicate=False))
-    values = {n: p.detach().clone() for n, p in objects.items()}
+    model, batch = tied_case()
+    before = snapshot(model)
     op = HessianOperator(model, tied_loss, [batch], hvp_backend=backend)
     assert op.space.names == ["emb.weight", "shared.weight", "shared.bias"]
     torch.testing.assert_close(op.to_dense(), tied_reference_hessian(model, batch), rtol=1e-10, atol=1e-12)
     op.gradient()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        assert param is objects[name] and isinstance(param, torch.nn.Parameter)
-        assert torch.equal(param, values[name])
+    assert_untouched(model, before)
     assert model.alias is model.shared and model.dec.weight is model.emb.weight
     # any name of a tied tensor selects it; two names of one tensor are refused
     alias = HessianOperator(model, tied_loss, [batch], ["alias.bias", "dec.weight"], hvp_backend=backend)

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from tests.theory.helpers import NoisyForward, RedrawOnEval, TiedNet, bert_loss, mlp_loss, tied_loss
+from tests.theory.helpers import (
+    NoisyForward,
+    RedrawOnEval,
+    assert_untouched,
+    bert_loss,
+    mlp_loss,
+    random_eval_case,
+    snapshot,
+    tied_case,
+    tied_loss,
+)
 from theory.lipschitz import per_sample_grad_norms
 from theory.subspace import NondeterministicError
 
@@ -67,24 +77,15 @@ def test_bert_falls_back_to_the_loop_and_matches(bert, bert_batches):
 
 @pytest.mark.parametrize("model_class", [RedrawOnEval, NoisyForward])
 def test_a_random_eval_mode_function_is_refused(model_class):
-    torch.manual_seed(0)
-    model = model_class().double()
-    batch = {"x": torch.randn(4, 5, dtype=torch.float64), "y": torch.tensor([0, 1, 2, 1])}
+    model, batch = random_eval_case(model_class)
     with pytest.raises(NondeterministicError, match="eval-mode loss is random"):
         per_sample_grad_norms(model, mlp_loss, [batch], method="loop")
 
 
 def test_tied_weights_match_the_loop_and_leave_the_model_untouched():
-    torch.manual_seed(0)
-    model = TiedNet().double()
-    batch = {
-        "ids": torch.tensor([[0, 1, 2], [3, 4, 5], [5, 1, 0], [2, 2, 3]]),
-        "y": torch.tensor([0, 5, 3, 1]),
-    }
-    objects = dict(model.named_parameters(remove_duplicate=False))
-    values = {n: p.detach().clone() for n, p in objects.items()}
+    model, batch = tied_case()
+    before = snapshot(model)
     est = per_sample_grad_norms(model, tied_loss, [batch], method="vmap")
-    for name, param in model.named_parameters(remove_duplicate=False):
-        assert param is objects[name] and torch.equal(param, values[name])
+    assert_untouched(model, before)
     names = ["emb.weight", "shared.weight", "shared.bias"]
     np.testing.assert_allclose(est.norms[0], loop_norms(model, tied_loss, [batch], names), rtol=1e-10)
