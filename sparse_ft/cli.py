@@ -89,6 +89,20 @@ def cmd_evaluate(args) -> None:
           f"score {out['score']:.2f} (major metric x100)")
 
 
+def cmd_analyze(args) -> None:
+    from .experiments.analyze import AnalyzeSettings, analyze_runs
+
+    settings = AnalyzeSettings(examples=args.examples, lanczos_steps=args.lanczos_steps, starts=args.starts,
+                               space=args.space, device=args.device)
+    summary = analyze_runs(args.runs, settings, jobs=args.jobs, progress=not args.quiet, redo=args.redo)
+    for line in summary["failed"]:
+        print(f"failed: {line}", file=sys.stderr)
+    print(f"analyze: {summary['runs']} runs, {summary['skipped']} already analysed, {summary['done']} analysed "
+          f"now ({settings.space} space, at A(S)), {len(summary['failed'])} failed; see RUN/analysis.json")
+    if summary["failed"]:
+        raise UserError(f"{len(summary['failed'])} run(s) could not be analysed (listed above)")
+
+
 def cmd_select(args) -> None:
     from .experiments.run import prepare
     from .methods import METHODS, make_method_config
@@ -261,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", help="also write {split, metrics, score} to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("analyze", help="the Hessian, rho, risks and Theorems 1-2 of saved runs, at A(S)")
+    p.add_argument("runs", nargs="+", help="run folders, or sweep roots (every run below them)")
+    p.add_argument("--examples", type=int, help="training examples the Hessian averages over (default: all n)")
+    p.add_argument("--lanczos-steps", type=int, default=30, help="Krylov steps per random start")
+    p.add_argument("--starts", type=int, default=2, help="independent Lanczos starts (agreement is reported)")
+    p.add_argument("--space", default="subspace", choices=("subspace", "full"),
+                   help="subspace: the tunable coordinates; full: every backbone coordinate (Theorem 1's)")
+    p.add_argument("--jobs", type=int, default=1, help="runs analysed at once")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--redo", action="store_true", help="analyse runs that already have analysis.json again")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("select", help="compute a mask method's mask without training and save it")
     add_run_arguments(p)

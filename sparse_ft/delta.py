@@ -113,12 +113,12 @@ class SparseDelta(nn.Module):
 
     def pattern(self, shape: torch.Size) -> torch.Tensor:
         """The CSR pattern (zero values) of I in a 2-D tensor of ``shape``: the SDDMM's sample set."""
-        device = self.indices.device
-        if self._pattern is None or self._pattern[0].device != device:  # dense parts: deep-copyable
-            rows, cols = self.indices // shape[1], self.indices % shape[1]
+        device, dtype = self.indices.device, _accumulation_dtype(self.values)  # the SDDMM's dtype
+        if self._pattern is None or self._pattern[2].device != device or self._pattern[2].dtype != dtype:
+            rows, cols = self.indices // shape[1], self.indices % shape[1]  # dense parts: deep-copyable
             crow = torch.zeros(shape[0] + 1, dtype=torch.long, device=device)
             crow[1:] = torch.bincount(rows, minlength=shape[0]).cumsum(0)
-            self._pattern = (crow, cols, torch.zeros(len(cols), device=device))
+            self._pattern = (crow, cols, torch.zeros(len(cols), dtype=dtype, device=device))
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(*self._pattern, tuple(shape), check_invariants=False)
@@ -140,6 +140,11 @@ class _GatheredGrad(torch.autograd.Function):
     def backward(ctx, grad):
         (indices,) = ctx.saved_tensors
         return None, grad.reshape(-1).index_select(0, indices).to(ctx.dtype), None
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The wider of ``x``'s dtype and float32: bf16/fp16 gradients are summed in float32, float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -178,15 +183,15 @@ class _SparseDeltaLinear(torch.autograd.Function):
             dbias = gy2.sum(0).to(bias_dtype)
         if need[3]:
             x2 = xc.reshape(-1, xc.shape[-1])
-            if ctx.w_mode == "kernel":
+            if ctx.w_mode == "kernel" and _accumulation_dtype(gy2) == torch.float32:  # the kernel is float32
                 dwv = sddmm_tokens(gy2.float(), x2.float(), w_pattern.crow_indices(), w_pattern.col_indices())
-            elif ctx.w_mode == "sampled":
+            elif ctx.w_mode in ("kernel", "sampled"):
                 dwv = _sampled_dw(w_pattern, gy2, x2)
             else:  # dense dW, then gathered
                 dwv = (gy2.t() @ x2.to(gy2.dtype)).reshape(-1).index_select(0, w_indices)
             dwv = dwv.to(wv_dtype)
         if need[7]:
-            dbv = gy2.index_select(1, b_indices).float().sum(0).to(bv_dtype)
+            dbv = gy2.index_select(1, b_indices).to(_accumulation_dtype(gy2)).sum(0).to(bv_dtype)
         return dx, None, dbias, dwv, None, None, None, dbv, None
 
 
@@ -200,12 +205,12 @@ def _sampled_dw(pattern: torch.Tensor, gy: torch.Tensor, x: torch.Tensor) -> tor
     thread this runs over chunks of ``SDDMM_CHUNK`` tokens, whose transposes and dot products stay in
     cache (measured ~6% off a MiniLM step); on several threads each chunk would be a parallel region
     of its own, which costs more than it saves on a busy machine, so the tokens go in one piece."""
-    tokens = gy.shape[0]
+    tokens, wide = gy.shape[0], _accumulation_dtype(gy)
     chunk = SDDMM_CHUNK if SDDMM_CHUNK and torch.get_num_threads() == 1 else tokens
     total = None
     for start in range(0, tokens, chunk):
-        gy_t = _transposed(gy[start:start + chunk].float())
-        x_t = _transposed(x[start:start + chunk].float())
+        gy_t = _transposed(gy[start:start + chunk].to(wide))
+        x_t = _transposed(x[start:start + chunk].to(wide))
         part = torch.sparse.sampled_addmm(pattern, gy_t, x_t.t(), beta=0.0).values()
         total = part if total is None else total.add_(part)
     return total
@@ -231,7 +236,7 @@ def _embedding_grad_at(ids: torch.Tensor, gy: torch.Tensor, indices: torch.Tenso
                        padding_idx: int | None) -> torch.Tensor:
     """∂L/∂W at the flat ``indices`` of an embedding table W (``width`` columns), for y_t = W[ids_t]:
     Σ_{t: ids_t = r} gy[t, c] at (r, c); 0 on the padding row. Static shapes (no host sync)."""
-    ids, grad = ids.reshape(-1).long(), gy.reshape(-1, width).float()
+    ids, grad = ids.reshape(-1).long(), gy.reshape(-1, width).to(_accumulation_dtype(gy))
     sorted_ids, order = torch.sort(ids)
     starts = torch.ones_like(sorted_ids, dtype=torch.bool)
     starts[1:] = sorted_ids[1:] != sorted_ids[:-1]

@@ -54,6 +54,11 @@ class TrainConfig:
     bf16: bool = True  # autocast on CUDA only
     check_every: int = 25  # steps between non-finite-loss checks and progress updates (host syncs)
     compile: str = "off"  # "off", "on", or "cuda": compile the step when the device is CUDA
+    # The converged protocol (preset "converge"): train on a fixed small set until the mean training
+    # loss, in eval mode over the whole set at each evaluation, falls below ``converge_loss``; A(S) is
+    # then the last model, not the best on val. ``train_limit`` is the set's default size.
+    converge_loss: float | None = None
+    train_limit: int | None = None
 
     def validate(self) -> None:
         for name in ("batch_size", "max_length", "eval_every", "max_steps", "patience", "check_every"):
@@ -64,6 +69,10 @@ class TrainConfig:
         check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_range("weight_decay", self.weight_decay, 0.0)
         check_range("min_steps", self.min_steps, 0)
+        if self.converge_loss is not None:
+            check_range("converge_loss", self.converge_loss, 0.0, low_open=True)
+        if self.train_limit is not None:
+            check_range("train_limit", self.train_limit, 1)
 
 
 COMPILE_CHOICES = ("off", "on", "cuda")
@@ -72,6 +81,10 @@ PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(compile="cuda"),
     # A laptop CPU: MiniLM at length 128, a few hundred steps, evaluation every 25 steps.
     "cpu": TrainConfig(max_length=128, eval_every=25, patience=4, min_steps=100, max_steps=300),
+    # Theorems 1 and 2 speak of a minimiser A(S): 32 examples trained until their mean loss is below 1e-3
+    # (at most 400 steps; the outcome records which stop it hit), no warmup, the last model kept.
+    "converge": TrainConfig(max_length=128, eval_every=20, patience=10**9, min_steps=0, max_steps=400,
+                            warmup_ratio=0.0, converge_loss=1e-3, train_limit=32),
 }
 
 
@@ -182,6 +195,8 @@ class TrainOutcome:
     history: list[dict]  # one entry per evaluation: step, val major, train loss
     losses: list[dict]  # {step, loss}: mean training loss over each check interval (Figure 1)
     structure_changes: list[int]  # steps at which the method changed its tunable set
+    stop: str = "max_steps"  # why training ended: max_steps, patience, or converged
+    train_loss: float | None = None  # the converged protocol's last full training loss (eval mode)
 
 
 def compiles(config: TrainConfig, device: torch.device) -> bool:
@@ -243,11 +258,17 @@ def cycle(loader):
 
 
 def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.device,
-          seed: int = 0, progress: bool = True) -> TrainOutcome:
-    """Train ``tuned`` with the protocol of ``config``; the best checkpoint on val is restored.
+          seed: int = 0, progress: bool = True, train_eval_loader=None) -> TrainOutcome:
+    """Train ``tuned`` with the protocol of ``config``; the best checkpoint on val is restored, except
+    under ``config.converge_loss``, where training stops once the mean loss over ``train_eval_loader``
+    (the whole training set, eval mode) is below it and the last model is kept.
 
     ``seed`` fixes dropout (the data order is fixed by the loader's own generator).
     """
+    converging = config.converge_loss is not None
+    if converging and train_eval_loader is None:
+        raise UserError("the converged protocol needs the training set as train_eval_loader")
+    stop, train_loss = "max_steps", None
     torch.manual_seed(seed)
     tuned.to(device).train()
     optimizer = make_optimizer(tuned, config, device)
@@ -286,10 +307,19 @@ def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.de
         if evaluate_now:
             score = evaluate(tuned, val_loader, device, config.bf16)["major"]
             history.append({"step": step, "val": score, "train_loss": mean_loss})
+            if converging:
+                train_loss = evaluate(tuned, train_eval_loader, device, config.bf16)["loss"]
+                history[-1]["full_train_loss"] = train_loss
+                if train_loss < config.converge_loss:
+                    stop = "converged"
+                    break
+                continue
             best.record(step, score, tuned.checkpoint_state)
             if best.stopped:
+                stop = "patience"
                 break
     bar.close()
-    if best.state is not None:
+    if best.state is not None and not converging:
         tuned.load_checkpoint_state(best.state)
-    return TrainOutcome(step, best.step, train_seconds, history, losses, changes)
+    best_step = step if converging else best.step
+    return TrainOutcome(step, best_step, train_seconds, history, losses, changes, stop, train_loss)

@@ -108,7 +108,7 @@ def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun
     device = resolve_device(spec.device)
     seeds = spec.seeds()
     splits = data_mod.load_splits(task, spec.data_dir)
-    splits["train"] = subset(splits["train"], spec.train_limit)
+    splits["train"] = subset(splits["train"], spec.train_limit if spec.train_limit is not None else config.train_limit)
     for name in ("val", "test"):
         splits[name] = splits[name][: spec.eval_limit] if spec.eval_limit else splits[name]
     tokenizer = load_tokenizer(spec.model)
@@ -166,7 +166,7 @@ def fit(spec: RunSpec, exclude: frozenset[int] = frozenset(), progress: bool = T
     tuned = build_tuned(run)
     log(tuned.describe())
     outcome = train(tuned, run.loaders["train"], run.loaders["val"], run.config, run.device,
-                    seed=spec.seeds()["data"], progress=progress)
+                    seed=spec.seeds()["data"], progress=progress, train_eval_loader=run.loaders["selection"])
     return run, tuned, outcome
 
 
@@ -229,6 +229,8 @@ def execute(spec: RunSpec, progress: bool = True, log=print, output: str | Path 
         "history": outcome.history,
         "train_losses": outcome.losses,
         "structure_changes": outcome.structure_changes,
+        "stop": outcome.stop,
+        "final_train_loss": outcome.train_loss,
         "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": outcome.train_seconds,
         "peak_memory_mb": peak_memory_mb(run.device),

@@ -181,6 +181,27 @@ def _assign_devices(specs: list[RunSpec], jobs_per_gpu: int) -> tuple[list[RunSp
     return placed, gpus * jobs_per_gpu
 
 
+def run_calls(fn, calls: list[tuple], workers: int, bar) -> list:
+    """``fn(*args)`` for every ``args`` in ``calls``, ticking ``bar`` as each finishes; results in the order
+    they finish. One worker: in this process. More: in spawned worker processes, a fresh one per call
+    (Python >= 3.11), so each call's peak memory is its own; ``fn`` must be importable by name."""
+    if workers <= 1:
+        results = []
+        for args in calls:
+            results.append(fn(*args))
+            bar.update(1)
+        return results
+    import multiprocessing
+
+    fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
+    results = []
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), **fresh) as pool:
+        for future in as_completed([pool.submit(fn, *args) for args in calls]):
+            results.append(future.result())
+            bar.update(1)
+    return results
+
+
 def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: int = 1, executor: str = "local",
               progress: bool = True, save_model: bool = True) -> dict:
     """Run every unfinished run of ``sweep`` under ``root``; returns counts of done/skipped/failed."""
@@ -198,21 +219,9 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
     bar = tqdm(total=len(todo), desc=f"sweep ({skipped} already done)", unit="run", disable=not progress)
     if executor == "ray":
         statuses = _run_ray(todo, root, jobs_per_gpu, threads, bar, save_model)
-    elif workers <= 1:
-        for spec in todo:
-            statuses.append(_execute_into(spec, str(run_dir(root, spec)), None, save_model))
-            bar.update(1)
     else:
-        import multiprocessing
-
-        # a fresh worker per run (Python >= 3.11), so each result's peak_memory_mb is that run's own
-        fresh = {"max_tasks_per_child": 1} if sys.version_info >= (3, 11) else {}
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                 **fresh) as pool:
-            futures = [pool.submit(_execute_into, s, str(run_dir(root, s)), threads, save_model) for s in todo]
-            for future in as_completed(futures):
-                statuses.append(future.result())
-                bar.update(1)
+        calls = [(s, str(run_dir(root, s)), threads if workers > 1 else None, save_model) for s in todo]
+        statuses = run_calls(_execute_into, calls, workers, bar)
     bar.close()
     failed = [s for s in statuses if not s["ok"]]
     for status in failed:

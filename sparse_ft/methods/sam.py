@@ -29,7 +29,7 @@ from ..errors import UserError, check_range
 from ..models import TaskModel
 from .base import BuildContext, register
 from .masks import ScoredMaskConfig
-from .scoring import hutchinson_diagonal, loss_gradient, selection_data, training_mode
+from .scoring import hessian_diagonal, loss_gradient, selection_data, training_mode
 
 CURVATURES = ("none", "diag")
 
@@ -76,5 +76,5 @@ class SamConfig(ScoredMaskConfig):
             gradient = loss_gradient(model, batches)
         if self.curvature == "none":
             return {name: theorem3_score(g) for name, g in gradient.items()}
-        diagonal = hutchinson_diagonal(model, batches, self.hutchinson_samples, context.mask_seed)
+        diagonal = hessian_diagonal(model, batches, self.hutchinson_samples, context.mask_seed)
         return {name: theorem3_score(g, diagonal[name]) for name, g in gradient.items()}

@@ -8,7 +8,7 @@ z_1..z_N, per-example losses ℓ(θ; z) and the mean loss L(θ) = (1/N) Σ_z ℓ
 * :func:`fisher_diagonal`: F = Σ_z (∇ℓ(θ; z))², the empirical Fisher diagonal from per-example
   gradients (ChildTuning-D, Xu et al. 2021). It is not SAM's (Σ_z ∇ℓ)² = N²(∇L)²: per-example
   squares keep the gradient noise that cancels in the sum, so the two rank entries differently;
-* :func:`hutchinson_diagonal`: diag(∇²L) ≈ (1/S) Σ_s v_s ⊙ (∇²L v_s) with Rademacher v_s
+* :func:`hessian_diagonal`: diag(∇²L) ≈ (1/S) Σ_s v_s ⊙ (∇²L v_s) with Rademacher v_s
   (Hutchinson 1990; Bekas et al. 2007), through :class:`theory.hessian.HessianOperator`.
 
 Every function takes the task model, a list of batches and the names of the parameters to
@@ -34,7 +34,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from theory.hessian import HessianOperator
+from theory.hessian import HessianOperator, hutchinson_diagonal
 from theory.subspace import default_batch_size, functional_loss
 
 from ..errors import UserError
@@ -170,25 +170,15 @@ def fisher_diagonal(model: nn.Module, batches: list[dict], names: list[str] | No
     return _strip(dict(zip(diff.names, total)))
 
 
-def hutchinson_diagonal(model: nn.Module, batches: list[dict], samples: int, seed: int,
-                        names: list[str] | None = None, loss_fn=batch_loss) -> dict[str, torch.Tensor]:
-    """diag(∇²L) ≈ (1/S) Σ_s v_s ⊙ H v_s, v_s Rademacher from ``seed`` (unbiased: E[v vᵀ] = I).
-
-    H is the Hessian of the mean loss over ``batches`` (batch-size weighted), in eval mode and eager
-    attention, through :class:`theory.hessian.HessianOperator`; each sample costs one Hessian-vector
-    product over all of ``batches``. The estimate is exact for a diagonal Hessian, whatever S.
-    """
+def hessian_diagonal(model: nn.Module, batches: list[dict], samples: int, seed: int,
+                     names: list[str] | None = None, loss_fn=batch_loss) -> dict[str, torch.Tensor]:
+    """diag(∇²L) per backbone tensor, by the one Hutchinson estimator (:func:`theory.hessian.hutchinson_diagonal`,
+    ``samples`` Rademacher probes from ``seed``) on the Hessian of the mean loss over ``batches``
+    (batch-size weighted), in eval mode and eager attention. Exact for a diagonal Hessian, whatever S."""
     if samples < 1:
         raise UserError(f"hutchinson_samples must be at least 1, got {samples}")
     names = backbone_names(model) if names is None else list(names)
-    op = HessianOperator(model, loss_fn, batches, params=names)
-    generator = torch.Generator().manual_seed(seed)
-    estimate = torch.zeros(op.dim, dtype=op.dtype)
     with eager_attention(model):
-        for _ in range(samples):
-            v = torch.randint(0, 2, (op.dim,), generator=generator).to(op.dtype).mul_(2).sub_(1)
-            estimate.add_(v * op.matvec(v.to(op.device)).cpu())
-    estimate /= samples
-    pieces = op.space.split(estimate.to(op.device))
-    shapes = dict(zip(op.space.names, op.space.shapes))
-    return _strip({n: pieces[n].view(shapes[n]) for n in names})
+        op = HessianOperator(model, loss_fn, batches, params=names)
+        estimate = hutchinson_diagonal(op, samples, seed)
+    return _strip(op.space.unflatten(estimate))

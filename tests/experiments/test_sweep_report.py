@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from sparse_ft import sweep as sweep_mod
+from sparse_ft.experiments import sweep as sweep_mod
 from sparse_ft.errors import UserError
 from sparse_ft.experiments.report import build_table, to_markdown, write_report
 from sparse_ft.experiments.results import ERROR_FILE, RESULT_FILE

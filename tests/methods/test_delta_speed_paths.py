@@ -69,6 +69,18 @@ def test_fast_paths_match_the_definition(linear_grad, chunk, monkeypatch):
     assert any("word_embeddings" in n for n in fast) and any("dense.parametrizations.weight" in n for n in fast)
 
 
+@pytest.mark.parametrize("linear_grad", ["kernel", "sampled", "dense"])
+def test_fast_paths_keep_float64_precision(linear_grad, monkeypatch):
+    """A float64 model's gradients are formed in float64 on every path (the float32 kernel steps aside)."""
+    tuned, data = random_tuned().double(), batch()
+    _, ref = loss_and_grads(tuned, data, False, monkeypatch)
+    _, fast = loss_and_grads(tuned, data, True, monkeypatch, linear_grad=linear_grad)
+    scale = max(g.abs().max().item() for g in ref.values())
+    for name, g in ref.items():
+        assert fast[name].dtype == torch.float64
+        torch.testing.assert_close(fast[name], g, rtol=1e-10, atol=1e-12 * scale, msg=name)
+
+
 def test_fast_paths_under_bf16_autocast(monkeypatch):
     tuned, data = random_tuned(), batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparse_ft.methods import make_method_config
-from sparse_ft.methods.scoring import fisher_diagonal, hutchinson_diagonal, loss_gradient, training_mode
+from sparse_ft.methods.scoring import fisher_diagonal, hessian_diagonal, loss_gradient, training_mode
 from tests.methods.mask_utils import (
     cb_batches,
     context,
@@ -96,7 +96,7 @@ def test_default_sam_is_the_best_subset_when_curvature_is_isotropic(scope, spars
 
 def test_hutchinson_is_exact_on_a_diagonal_hessian():
     model = Quadratic(G, D_VARIED, split=4)
-    diag = hutchinson_diagonal(model, BATCHES, samples=1, seed=3)
+    diag = hessian_diagonal(model, BATCHES, samples=1, seed=3)
     torch.testing.assert_close(torch.cat([diag["a"], diag["b"]]), D_VARIED.double(), rtol=1e-12, atol=1e-12)
 
 
