@@ -89,6 +89,22 @@ def cmd_evaluate(args) -> None:
           f"score {out['score']:.2f} (major metric x100)")
 
 
+def cmd_export(args) -> None:
+    from .experiments.saved import load_run, read_result, run_spec
+    from .export import export_peft, export_transformers
+    from .models import load_tokenizer, resolve_model_path
+
+    tuned = load_run(args.run, device="cpu")
+    base = resolve_model_path(run_spec(read_result(args.run)).model)
+    if args.format == "peft":
+        export_peft(tuned, args.output, base)
+        print(f"peft adapter written to {args.output}: PeftModel.from_pretrained("
+              f"AutoModelForSequenceClassification.from_pretrained({base!r}, num_labels=N), {args.output!r})")
+    else:
+        export_transformers(tuned, args.output, load_tokenizer(base))
+        print(f"transformers folder written to {args.output}: AutoModelFor...from_pretrained({args.output!r})")
+
+
 def cmd_analyze(args) -> None:
     from .experiments.analyze import AnalyzeSettings, analyze_runs
 
@@ -275,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--json", help="also write {split, metrics, score} to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a saved run as a transformers folder or a peft adapter (LoRA)")
+    p.add_argument("run", help="a run folder (result.json + model.safetensors)")
+    p.add_argument("--format", default="transformers", choices=("transformers", "peft"),
+                   help="transformers: AutoModelForSequenceClassification (BERT, RoBERTa); peft: a LoRA adapter")
+    p.add_argument("--output", required=True, help="the folder to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("analyze", help="the Hessian, rho, risks and Theorems 1-2 of saved runs, at A(S)")
     p.add_argument("runs", nargs="+", help="run folders, or sweep roots (every run below them)")

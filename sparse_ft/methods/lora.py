@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,8 @@ import torch
 from ..errors import UserError, check_range
 from ..models import TaskModel
 from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
+
+DEFAULT_TARGETS = ("query", "value")  # DESIGN §5; peft's default for BERT and RoBERTa too
 
 
 @register
@@ -51,7 +54,9 @@ class LoRAConfig(MethodConfig):
 
     ``r``: rank (8); ``alpha``: the update is scaled by alpha / r (8); ``dropout``: on the LoRA
     branch's input (0.0); ``target_modules``: module-name suffixes, a tuple or a comma-separated string
-    ("query,value"); every match in the backbone gets an update.
+    ("query,value"); every match in the backbone gets an update. The default ("query", "value") becomes
+    peft's default for the backbone's architecture (gpt2: c_attn; llama: q_proj, v_proj) on a backbone that
+    has no module of those names (:meth:`for_backbone`; the tuned model records the targets it used).
     """
 
     name = "lora"
@@ -61,7 +66,7 @@ class LoRAConfig(MethodConfig):
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] | str = ("query", "value")
+    target_modules: tuple[str, ...] | str = DEFAULT_TARGETS
 
     def __post_init__(self):
         if isinstance(self.target_modules, str):
@@ -81,9 +86,20 @@ class LoRAConfig(MethodConfig):
         return PeftLoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                               target_modules=list(self.target_modules), bias="none")
 
+    def for_backbone(self, backbone: torch.nn.Module) -> LoRAConfig:
+        """This config, or, when its targets are the default and ``backbone`` has no module they name, a
+        copy with peft's default targets for the backbone's ``config.model_type`` (where peft has one)."""
+        if self.target_modules != DEFAULT_TARGETS or any(
+                name.rpartition(".")[2] in DEFAULT_TARGETS for name, _ in backbone.named_modules()):
+            return self
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+        targets = PEFT_DEFAULTS.get(getattr(getattr(backbone, "config", None), "model_type", None))
+        return dataclasses.replace(self, target_modules=tuple(targets)) if targets else self
+
     def build(self, model: TaskModel, context: BuildContext) -> LoRATuned:
         with context.seeded():
-            return LoRATuned(model, self)
+            return LoRATuned(model, self.for_backbone(model.backbone))
 
 
 def _lora_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -14,7 +14,8 @@ weights are used as they are: the deployed model is dense. ``unit="entry"`` draw
 §5; element-wise, what the README of Lee et al.'s code calls mixconnect); ``unit="neuron"`` draws one
 M per input neuron of a 2-D weight and shares it over the rows, which is what Lee et al.'s own
 ``mixout.py`` does (the outgoing weights of a neuron are swapped together). Lee et al. apply it to the
-Linear weights (their ``MixLinear``), biases and everything else training normally:
+Linear weights (their ``MixLinear``; here ``nn.Linear`` and GPT-2's ``Conv1D``, a Linear whose weight is
+stored transposed), biases and everything else training normally:
 ``apply_to="linear"`` (the default for this mode); ``"all"`` mixes every backbone tensor. Lee et al.'s
 GLUE runs used r ∈ {0.7, 0.8, 0.9}; 0.9 is the default here. Their Hugging Face example also sets
 dropout to 0; sparse-ft leaves the backbone's dropout as configured.
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError, check_choice, check_range
 from ..models import TaskModel
@@ -67,6 +69,12 @@ MODES = ("train_swap", "eval_reset")
 APPLY_TO = ("auto", "linear", "all")
 UNITS = ("entry", "neuron")
 DEFAULT_RATIO = 0.9
+LINEAR_INPUT_AXIS = {nn.Linear: 1, Conv1D: 0}  # the input-neuron axis: Linear (out, in), GPT-2's Conv1D (in, out)
+
+
+def linear_input_axis(module: nn.Module) -> int | None:
+    """The input-neuron axis of a Linear-like module's weight; None for any other module."""
+    return next((axis for kind, axis in LINEAR_INPUT_AXIS.items() if isinstance(module, kind)), None)
 
 
 @register
@@ -111,18 +119,21 @@ class MixoutConfig(MethodConfig):
 
 
 class Mix(nn.Module):
-    """The parametrisation of one tensor: holds its θ0 and, in ``eval_reset`` mode, the reset mask."""
+    """The parametrisation of one tensor: holds its θ0 and, in ``eval_reset`` mode, the reset mask.
+    ``input_axis``: the axis of a 2-D weight that indexes input neurons (1 for nn.Linear's (out, in))."""
 
-    def __init__(self, theta0: torch.Tensor, ratio: float, mode: str, unit: str):
+    def __init__(self, theta0: torch.Tensor, ratio: float, mode: str, unit: str, input_axis: int = 1):
         super().__init__()
-        self.ratio, self.mode, self.unit = ratio, mode, unit
+        self.ratio, self.mode, self.unit, self.input_axis = ratio, mode, unit, input_axis
         self.register_buffer("theta0", theta0, persistent=False)
         reset = torch.zeros_like(theta0, dtype=torch.bool) if mode == "eval_reset" else None
         self.register_buffer("reset", reset, persistent=False)  # True: evaluated at θ0 (eval_reset)
 
     def keep_mask(self, weight: torch.Tensor) -> torch.Tensor:
-        """M ~ Bernoulli(1 − r), per entry or per input neuron (column) of a 2-D weight."""
-        shape = (1, weight.shape[1]) if self.unit == "neuron" and weight.dim() == 2 else weight.shape
+        """M ~ Bernoulli(1 − r), per entry or per input neuron of a 2-D weight (shared along the other axis)."""
+        shape = list(weight.shape)
+        if self.unit == "neuron" and weight.dim() == 2:
+            shape[1 - self.input_axis] = 1
         return torch.rand(shape, device=weight.device) >= self.ratio
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -154,8 +165,10 @@ class MixoutTuned(TunedModel):
         for module_name, module in list(model.backbone.named_modules()):
             self._orders[module_name] = [n for n, _ in module.named_parameters(recurse=False)]
             for tensor_name, param in list(module.named_parameters(recurse=False)):
-                if not linear_only or (isinstance(module, nn.Linear) and tensor_name == "weight"):
-                    mix = Mix(param.detach().clone(), self.ratio, config.mode, config.unit)
+                axis = linear_input_axis(module) if tensor_name == "weight" else None
+                if not linear_only or axis is not None:
+                    mix = Mix(param.detach().clone(), self.ratio, config.mode, config.unit,
+                              1 if axis is None else axis)
                     parametrize.register_parametrization(module, tensor_name, mix)
                     self._mixed.append((module, tensor_name))
                 else:
