@@ -80,6 +80,7 @@ class HFTaskModel(nn.Module):
         self.head = nn.ModuleDict({n.replace(".", HEAD_KEY_SEPARATOR): _submodule(model, n, "head")
                                    for n in modules_to_save})
         self.backbone_path, self.head_paths = path, list(modules_to_save)
+        self.backbone_params = sum(p.numel() for p in self.backbone.parameters())  # m, before any method adds to it
         self.ties = find_ties(model, path)
         make_views(model, self.ties)
         shared = {id(p) for p in self.backbone.parameters()} & {id(p) for p in self.head.parameters()}
@@ -130,10 +131,9 @@ class HFTaskModel(nn.Module):
 
     def describe_split(self) -> str:
         """What counts in m, what trains beside it, what is tied and what is frozen, one line each."""
-        m = sum(p.numel() for p in self.backbone.parameters())
         head = sum(p.numel() for p in self.head.parameters())
         heads = ", ".join(self.head_paths) or "(none)"
-        lines = [f"backbone (m): {self.backbone_path or '(the whole model)'}, {m:,} parameters",
+        lines = [f"backbone (m): {self.backbone_path or '(the whole model)'}, {self.backbone_params:,} parameters",
                  f"head (modules_to_save, trained absolutely, not in m): {heads}, {head:,} parameters"]
         lines += [f"tied: {outside} is {inside} (one tensor, counted once in m; changing it changes both uses)"
                   for outside, inside in self.ties.items()]

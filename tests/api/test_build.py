@@ -52,7 +52,8 @@ def test_the_default_split_follows_the_model(family, capsys):
     assert sparse.sparsity_report().head_params == head_params
     sparse.print_trainable_parameters()
     printed = capsys.readouterr().out
-    assert "budget" in printed and "realised" in printed and f"backbone (m): {backbone}" in printed
+    m = sparse.sparsity_report().backbone_params
+    assert "budget" in printed and "realised" in printed and f"backbone (m): {backbone}, {m:,} parameters" in printed
     for outside, inside in ties.items():
         assert f"tied: {outside} is {inside}" in printed
 

@@ -12,7 +12,7 @@ import sparse_ft as sft
 from sparse_ft.methods import BuildContext
 from sparse_ft.models import TaskModel, backbone_from_config
 from sparse_ft.tasks import get_task
-from tests.api.conftest import HIDDEN, VOCAB, batches, method_config, tiny_model, trained
+from tests.api.conftest import FAMILIES, HIDDEN, VOCAB, batches, method_config, tiny_model, trained
 
 ENCODERS = {
     "bert": lambda: tf.BertConfig(max_position_embeddings=16, pad_token_id=0, **SIZES),
@@ -92,26 +92,31 @@ def test_what_cannot_be_mapped_is_refused_in_one_line(method, task, fmt, words, 
     assert "\n" not in str(refusal.value) and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+AUTO = {"bert": tf.AutoModelForSequenceClassification, "roberta": tf.AutoModelForSequenceClassification,
+        "gpt2": tf.AutoModelForCausalLM, "llama": tf.AutoModelForCausalLM,
+        "gpt2-cls": tf.AutoModelForSequenceClassification}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_tuned_transformers_model_exports_as_its_own_class(family, tmp_path, tmp_path_factory):
     model, _ = trained("sam", family, tmp_path_factory)
     batch = batches(family)[0]
     sft.export_transformers(model.tuned, tmp_path)
-    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    loaded = AUTO[family].from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
     if family == "gpt2":
         assert loaded.lm_head.weight is loaded.transformer.wte.weight
 
 
-def test_a_lora_tuned_transformers_model_exports_as_a_peft_adapter(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_lora_tuned_transformers_model_exports_as_a_peft_adapter(family, tmp_path, tmp_path_factory):
     from peft import PeftModel
 
-    model, _ = trained("lora", "roberta", tmp_path_factory)
-    batch = batches("roberta")[0]
-    tiny_model("roberta").save_pretrained(tmp_path / "base")  # the same seed: θ0
+    model, _ = trained("lora", family, tmp_path_factory)
+    batch = batches(family)[0]
+    tiny_model(family).save_pretrained(tmp_path / "base")  # the same seed: θ0
     sft.export_peft(model.tuned, tmp_path / "adapter", str(tmp_path / "base"))
-    base = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
-    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    loaded = PeftModel.from_pretrained(AUTO[family].from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-5, atol=1e-5)
