@@ -28,7 +28,8 @@ _VIEW_CLASSES: dict[tuple[type, str], type] = {}
 def find_ties(model: nn.Module, inside: str) -> dict[str, str]:
     """``{outside name: inside name}`` for every Parameter that ``model`` holds both under the submodule
     ``inside`` (dotted path; ``""`` is the whole model, which has no outside) and outside it, e.g.
-    ``{"lm_head.weight": "transformer.wte.weight"}``. Detected by identity, not by config flags."""
+    ``{"lm_head.weight": "transformer.wte.weight"}``; detected by identity, not by config flags. Views that
+    :func:`make_views` made already count as ties (so a model wrapped twice reports them again)."""
     if not inside:
         return {}
     held: dict[int, list[str]] = {}
@@ -39,7 +40,15 @@ def find_ties(model: nn.Module, inside: str) -> dict[str, str]:
         within = [n for n in names if n.startswith(inside + ".")]
         if within:
             ties.update({n: within[0] for n in names if not n.startswith(inside + ".")})
+    paths = {id(module): path for path, module in model.named_modules()}
+    for path, module in model.named_modules():
+        for attr, (source, source_attr) in module.__dict__.get("_tie_sources", {}).items():
+            ties[_join(path, attr)] = _join(paths[id(source)], source_attr)
     return ties
+
+
+def _join(path: str, attr: str) -> str:
+    return f"{path}.{attr}" if path else attr
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -65,6 +74,8 @@ def make_views(model: nn.Module, ties: dict[str, str]) -> None:
     attribute (whatever the backbone holds there now: a plain Parameter, or a parametrised θ)."""
     for outside, inside in ties.items():
         module, attr = _owner(model, outside)
+        if attr not in module._parameters:  # a view already
+            continue
         del module._parameters[attr]
         sources = module.__dict__.setdefault("_tie_sources", {})
         sources[attr] = _owner(model, inside)

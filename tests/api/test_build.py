@@ -99,3 +99,13 @@ def test_bad_arguments_are_one_line_errors():
         sft.get_sparse_model(tiny_model("bert"), {"name": "sam"})
     with pytest.raises(sft.UserError, match="training data"):
         sft.get_sparse_model(tiny_model("bert"), method_config("sam"))
+
+
+def test_a_model_refused_once_can_be_wrapped_again_with_its_tie():
+    model = tiny_model("gpt2")
+    with pytest.raises(sft.UserError):
+        sft.get_sparse_model(model, method_config("adapter"))
+    sparse = sft.get_sparse_model(model, method_config("random"))
+    assert sparse.tuned.model.ties == {"lm_head.weight": "transformer.wte.weight"}
+    merged = sparse.merge_and_unload()
+    assert merged.lm_head.weight is merged.transformer.wte.weight
