@@ -167,19 +167,26 @@ def plot_ranks(analysis: RankAnalysis, path: str | Path | None = None, ax: Any =
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 4)) if ax is None else (ax.figure, ax)
+    fig, ax = plt.subplots(figsize=(6.4, 5.2)) if ax is None else (ax.figure, ax)
     x, xerr = analysis.mean_ranks("stability")
     y, yerr = analysis.mean_ranks("performance")
     ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", capsize=3, lw=1)
+    placed: list[tuple[float, float]] = []
     for name, xi, yi in zip(analysis.methods, x, y):
-        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        # labels of points that (nearly) coincide are stacked instead of drawn over each other
+        stack = sum(abs(xi - px) < 0.6 and abs(yi - py) < 0.6 for px, py in placed)
+        placed.append((xi, yi))
+        ax.annotate(name, (xi, yi), textcoords="offset points", xytext=(5, 4 - 14 * stack), fontsize=12)
     rho, pvalue = analysis.method_level
-    ax.set_xlabel("stability rank (std ascending)")
-    ax.set_ylabel("performance rank (mean descending)")
-    ax.set_title(f"Spearman rho = {rho:.2f} (p = {pvalue:.2g}), {len(analysis.tasks)} tasks")
+    count = len(analysis.tasks)
+    ax.set_xlabel("stability rank (std ascending)", fontsize=12)
+    ax.set_ylabel("performance rank (mean descending)", fontsize=12)
+    ax.set_title(f"method-level Spearman ρ = {rho:.2f} (p = {pvalue:.2g})\nmean ranks over {count} "
+                 f"task{'s' if count != 1 else ''}", fontsize=12)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=150)
+        fig.savefig(Path(path).with_suffix(".svg"))
     return fig
 
 

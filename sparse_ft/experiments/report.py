@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from theory.stability import seed_variance_stability
 
 from ..errors import UserError
 from ..tasks import TASKS
-from .results import load_results
+from .results import load_analyses, load_results
 
 AVG = "avg"
 
@@ -159,7 +158,80 @@ def write_report(results_dir: str | Path, output: str | Path, paper_csv: str | P
         comparison = comparison_markdown(table, load_paper_table(paper_csv))
         (output / "comparison.md").write_text(comparison + "\n")
         lines.append(comparison)
+    analyses = load_analyses(results_dir)
+    if analyses:
+        (output / "analysis.md").write_text(analysis_markdown(analyses) + "\n")
+        plot_analysis(analyses, output)
+        lines.append(f"{len(analyses)} analysed runs: analysis.md, analysis_theorem2.png, analysis_curvature.png")
     return lines
+
+
+def _num(value, fmt: str = ".3g") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def analysis_markdown(analyses: list[dict]) -> str:
+    """One row per analysed run (``sparse-ft analyze``): where it was measured, the spectrum, stationarity,
+    ρ̂, the risks and both theorems, with the assumption that decided a vacuous bound."""
+    head = ("| task | method | p | seed | point, space (dim) | λmin (res.) | λmax | ‖∇L̂‖ | ρ̂ | n | R̂ | R | R − R̂ | "
+            "Theorem 1 (formula) | Theorem 2 | verdict |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for a in sorted(analyses, key=lambda a: (a["task"], a["method"], a["sparsity"], a["seed"], a["space"])):
+        t1, t2 = a["theorem1"], a["theorem2"]
+        verdict = "holds" if not t1["vacuous"] else f"vacuous ({t1['failed_assumption']})"
+        lines.append(
+            f"| {a['task']} | {a['method']} | {a['sparsity']:.4g} | {a['seed']} | {a['point']}, {a['space']} "
+            f"({a['dim']:,}) | {a['lambda_min']:.3g} ({a['residual_min']:.1g}) | {a['lambda_max']:.3g} | "
+            f"{a['grad_norm']:.2g} | {a['rho']:.3g} | {a['n_train']} | {a['train_risk']:.3g} | {a['test_risk']:.3g} | "
+            f"{a['generalization_gap']:.3g} | {_num(t1['value'])} ({_num(t1['formula_value'])}) | {_num(t2['value'])} | "
+            f"{verdict} |")
+    lines += ["", ("All at A(S), the saved tuned model; risks are mean cross-entropy per example (R̂ on the n training "
+              "examples, R on the test split); ρ̂ is the largest per-example gradient norm over θ0 and A(S); Theorem 2 "
+              "uses C = the largest per-example loss measured and δ = 0.05. A subspace λmin is never below the full "
+              "Hessian's (Cauchy interlacing), so a subspace bound is the optimistic one.")]
+    return "\n".join(lines)
+
+
+def plot_analysis(analyses: list[dict], output: str | Path) -> None:
+    """Two figures from analysed runs: Theorem 2's bound against the measured test risk, run by run
+    (``analysis_theorem2.png``), and λmin and ‖∇L̂‖ at A(S) against p (``analysis_curvature.png``)."""
+    output = Path(output)
+    methods = sorted({a["method"] for a in analyses})
+    colors = {m: f"C{i}" for i, m in enumerate(methods)}
+    fig, ax = _figure(6.4, 4.8)
+    for a in analyses:
+        bound = a["theorem2"]["value"]
+        ax.scatter(a["test_risk"], bound if bound is not None else np.nan, color=colors[a["method"]], s=36)
+    finite = [a["theorem2"]["value"] for a in analyses if a["theorem2"]["value"] is not None]
+    top = max([a["test_risk"] for a in analyses] + finite)
+    ax.plot([0, top], [0, top], color="grey", ls=":", label="bound = measured risk")
+    for m in methods:
+        ax.scatter([], [], color=colors[m], label=m)
+    vacuous = sum(a["theorem2"]["value"] is None for a in analyses)
+    ax.set_xlabel("measured test risk R at A(S) (mean cross-entropy)")
+    ax.set_ylabel("Theorem 2 bound on R (δ = 0.05)")
+    ax.set_title(f"Theorem 2 against the measured risk ({len(analyses) - vacuous} runs; {vacuous} vacuous, not drawn)")
+    ax.legend(loc="upper left")
+    _save(fig, output / "analysis_theorem2.png")
+
+    fig, ax = _figure(6.4, 4.8)
+    ax2 = ax.twinx()
+    for m in methods:
+        runs = sorted((a for a in analyses if a["method"] == m), key=lambda a: a["sparsity"])
+        ps = [a["sparsity"] for a in runs]
+        ax.scatter(ps, [a["lambda_min"] for a in runs], color=colors[m], marker="o", label=f"{m}: λmin")
+        ax2.scatter(ps, [a["grad_norm"] for a in runs], color=colors[m], marker="x", label=f"{m}: ‖∇L̂‖")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax2.set_yscale("log")
+    ax.set_xlabel("sparsity p (fraction of the backbone that may change)")
+    spaces = ", ".join(sorted({a["space"] for a in analyses}))
+    ax.set_ylabel(f"λmin of the training-loss Hessian ({spaces})")
+    ax2.set_ylabel("‖∇L̂(A(S))‖ (x)")
+    ax.set_title("Curvature and stationarity at A(S)")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="lower left", fontsize=10)
+    _save(fig, output / "analysis_curvature.png")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -169,6 +241,21 @@ def _figure(width: float, height: float):
 
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
+
+
+MIN_FONT_PT = 12
+
+
+def _save(fig, path: str | Path, rect=(0, 0, 1, 1)) -> None:
+    """Save a figure for a projector (every text ≥ 12 pt, 150 dpi) as PNG at ``path`` and as SVG beside it."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        if text.get_fontsize() < MIN_FONT_PT:
+            text.set_fontsize(MIN_FONT_PT)
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=150)
+    fig.savefig(Path(path).with_suffix(".svg"))
 
 
 def plot_projection_discontinuity(result: dict, path: str | Path):
@@ -185,44 +272,49 @@ def plot_projection_discontinuity(result: dict, path: str | Path):
     ax.set_ylabel("training loss (log)")
     ax.set_title(f"Projection discontinuity: {result['method']} on {result['task'].upper()} ({result['model']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    _save(fig, path)
     return fig
 
 
 def plot_sparsity_effect(points: list[dict], path: str | Path, title: str = ""):
-    """Figure 3: test mean ± std against sparsity p (log x), and on a second axis the Theorem 1 bound
-    and the measured leave-one-out stability where they were computed.
+    """Figure 3: test mean ± std against sparsity p, and on a second (log) axis, at A(S): Theorem 1's bound
+    where it holds, its formula where an assumption failed (marked so, not a bound), and the measured
+    leave-one-out ε̂ with its 95% confidence interval.
 
-    ``points``: dicts with ``sparsity``, ``mean``, ``std`` and optionally ``bound``, ``bound_formula`` (the
-    formula's value when an assumption failed, drawn apart and labelled so), ``stability``.
-    """
+    ``points``: dicts with ``sparsity``, ``mean``, ``std`` and optionally ``theorem1`` (None when vacuous),
+    ``theorem1_formula``, ``stability`` and ``stability_ci``. A series with no finite value is left out and
+    the legend says why."""
     points = sorted(points, key=lambda p: p["sparsity"])
-    ps = [p["sparsity"] for p in points]
-    fig, ax = _figure(6.4, 3.8)
-    ax.errorbar(ps, [p["mean"] for p in points], yerr=[p["std"] for p in points], marker="o", capsize=3,
-                color="tab:blue", label="test score (mean ± std over seeds)")
+    fig, ax = _figure(7.2, 5.0)
+    scored = [p for p in points if p.get("mean") is not None]
+    ax.errorbar([p["sparsity"] for p in scored], [p["mean"] for p in scored], yerr=[p["std"] for p in scored],
+                marker="o", capsize=4, color="tab:blue", label="test score, mean ± std over seeds")
     ax.set_xscale("log")
+    ax.set_xticks([p["sparsity"] for p in points], [f"{p['sparsity']:g}" for p in points])
     ax.set_xlabel("sparsity p (fraction of backbone parameters tuned)")
-    ax.set_ylabel("test score (×100)", color="tab:blue")
-    extra = [(k, label, c) for k, label, c in (
-        ("bound", "Theorem 1 bound", "tab:red"),
-        ("bound_formula", "Theorem 1 formula, assumptions failed (not a bound)", "tab:orange"),
-        ("stability", "measured LOO stability ε̂", "tab:green"))
-        if any(p.get(k) is not None and math.isfinite(p[k]) for p in points)
-        and not (k == "bound_formula" and all(p.get("bound") == p.get(k) for p in points))]
-    handles, labels = ax.get_legend_handles_labels()
-    if extra:
-        ax2 = ax.twinx()
-        for key, label, color in extra:
-            xy = [(p["sparsity"], p[key]) for p in points if p.get(key) is not None and math.isfinite(p[key])]
+    ax.set_ylabel("test score (major metric ×100)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.set_yscale("log")
+    ax2.set_ylabel("stability at A(S) (mean cross-entropy)")
+    notes = []
+    for key, label, color in (("theorem1", "Theorem 1 bound", "tab:red"),
+                              ("theorem1_formula", "Theorem 1 formula where an assumption failed (not a bound)",
+                               "tab:orange")):
+        xy = [(p["sparsity"], p[key]) for p in points if p.get(key) is not None
+              and (key == "theorem1" or p.get("theorem1") is None)]
+        if xy:
             ax2.plot(*zip(*xy), marker="s", ls="--", color=color, label=label)
-        ax2.set_yscale("log")
-        ax2.set_ylabel("stability (mean-loss scale)")
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=8, loc="best")
-    ax.set_title(title or "Effect of sparsity (SAM)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
+        elif key == "theorem1":
+            notes.append("Theorem 1 vacuous at every p (not drawn)")
+    loo = [p for p in points if p.get("stability") is not None]
+    if loo:
+        lows = [p["stability"] - p["stability_ci"][0] for p in loo]
+        highs = [p["stability_ci"][1] - p["stability"] for p in loo]
+        ax2.errorbar([p["sparsity"] for p in loo], [p["stability"] for p in loo], yerr=[lows, highs], marker="^",
+                     ls=":", capsize=4, color="tab:green", label="leave-one-out ε̂ (95% CI)")
+    handles, labels = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    fig.legend(handles + h2, labels + l2, loc="lower center", ncol=2, fontsize=10, frameon=False)
+    ax.set_title((title or "Effect of sparsity (SAM)") + ("\n" + "; ".join(notes) if notes else ""))
+    _save(fig, path, rect=(0, 0.16, 1, 1))
     return fig

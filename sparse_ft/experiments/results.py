@@ -58,6 +58,19 @@ def load_results(root: str | Path) -> tuple[list[dict], list[str]]:
     return results, problems
 
 
+def load_analyses(root: str | Path) -> list[dict]:
+    """Every readable analysis.json under ``root`` (``sparse-ft analyze``), each with its ``_path``."""
+    analyses = []
+    for path in sorted(Path(root).rglob(ANALYSIS_FILE)):
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            continue
+        record["_path"] = str(path)
+        analyses.append(record)
+    return analyses
+
+
 def summary_line(result: dict) -> str:
     rep = result["sparsity_report"]
     return (f"{result['task']} {result['method']} seed {result['seed']}: val {result['score']['val']:.2f} "

@@ -21,7 +21,7 @@ from ..errors import UserError, check_range
 from ..methods import BuildContext, TunedModel, make_method_config
 from ..methods.masks import load_mask_into
 from ..methods.saving import save_tuned
-from ..models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer
+from ..models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer, resolve_model_path
 from ..tasks import REGRESSION, get_task
 from ..train import compiles, evaluate, peak_memory_mb, preset, to_device, train
 from .results import MODEL_FILE, RESULT_FILE, write_json_atomic
@@ -58,6 +58,19 @@ class RunSpec:
         if self.eval_limit is not None:
             check_range("eval_limit", self.eval_limit, 1)
         preset(self.preset, **self.train_overrides)
+
+
+def preflight(tasks, model: str, data_dir: str | None) -> None:
+    """Check, before any work, that every task's data can be read and that ``model`` loads (its tokenizer
+    and config: seconds, no weights); one :class:`UserError` line with what to run otherwise."""
+    from transformers import AutoConfig
+
+    data_mod.require_task_data(tasks, data_dir)
+    load_tokenizer(model)
+    try:
+        AutoConfig.from_pretrained(resolve_model_path(model))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load model {model!r}: {str(exc).splitlines()[0]}") from None
 
 
 def quiet_libraries() -> None:
@@ -123,7 +136,7 @@ def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun
            for name in ("val", "test")},
     }
     model = build_task_model(task, spec.model, head_seed=seeds["head"])
-    context = build_context(loaders["selection"], seeds["mask"], device, config)
+    context = build_context(loaders["selection"], seeds["mask"], device, config, loaders["train"])
     return PreparedRun(spec, task, model, tokenizer, config, device, features, loaders, context)
 
 
@@ -138,12 +151,12 @@ def training_loaders(train_features: list, collator, config, data_seed: int, pin
     }
 
 
-def build_context(selection_loader, mask_seed: int, device: torch.device, config) -> BuildContext:
-    def selection_batches():
-        return (to_device(batch, device) for batch in selection_loader)
+def build_context(selection_loader, mask_seed: int, device: torch.device, config, train_loader) -> BuildContext:
+    def on_device(loader):
+        return lambda: (to_device(batch, device) for batch in loader)
 
-    return BuildContext(selection_batches=selection_batches, mask_seed=mask_seed, device=device,
-                        max_steps=config.max_steps)
+    return BuildContext(selection_batches=on_device(selection_loader), training_batches=on_device(train_loader),
+                        mask_seed=mask_seed, device=device, max_steps=config.max_steps)
 
 
 def build_tuned(run: PreparedRun):
@@ -181,7 +194,7 @@ def fit_replicas(spec: RunSpec, excludes: list[frozenset[int]], progress: bool =
     tuned_models, train_loaders = [], []
     for exclude in excludes:
         loaders = training_loaders(run.features["train"], collator, run.config, seeds["data"], pin, exclude)
-        context = build_context(loaders["selection"], seeds["mask"], run.device, run.config)
+        context = build_context(loaders["selection"], seeds["mask"], run.device, run.config, loaders["train"])
         tuned_models.append(build_method(spec, copy.deepcopy(run.model).to(run.device), context))
         train_loaders.append(loaders["train"])
     outcomes = train_replicas(tuned_models, train_loaders, run.loaders["val"], run.config, run.device,
@@ -211,7 +224,7 @@ def execute(spec: RunSpec, progress: bool = True, log=print, output: str | Path 
     report = tuned.sparsity_report()
     folder = data_mod.resolve_data_dir(spec.data_dir)
     result = {
-        "task": spec.task,
+        "task": run.task.name,
         "method": spec.method,
         "sparsity": spec.sparsity if spec.sparsity is not None else report.budget / report.backbone_params,
         "seed": spec.seed,

@@ -22,10 +22,11 @@ from pathlib import Path
 
 from ..errors import UserError, check_range
 from ..methods import get_method, make_method_config
+from ..models import DEFAULT_MODEL
 from ..tasks import get_task
 from ..train import preset
 from .results import ERROR_FILE, RESULT_FILE, write_json_atomic
-from .run import RunSpec, execute, quiet_libraries
+from .run import RunSpec, execute, preflight, quiet_libraries
 
 TRAIN_KEYS = ("max_steps", "lr", "batch_size", "eval_every", "max_length")
 RUN_KEYS = ("model", "data_dir", "preset", "train_limit", "eval_limit", "device")
@@ -49,7 +50,8 @@ class SweepSpec:
 
     def runs(self) -> list[RunSpec]:
         specs, seen = [], set()
-        for task, method, sparsity, seed in itertools.product(self.tasks, self.methods, self.sparsities, self.seeds):
+        tasks = [get_task(t).ref for t in self.tasks]  # a task file by its absolute path: workers resolve it too
+        for task, method, sparsity, seed in itertools.product(tasks, self.methods, self.sparsities, self.seeds):
             if not get_method(method).uses_sparsity:
                 sparsity = None
             key = (task, method, sparsity, seed)
@@ -66,7 +68,8 @@ class SweepSpec:
     def contains(self, result: dict) -> bool:
         """Whether a stored result is one of this grid's runs (several grids may share a folder)."""
         method = result.get("method")
-        if method not in self.methods or result.get("task") not in self.tasks or result.get("seed") not in self.seeds:
+        names = {get_task(t).name for t in self.tasks}
+        if method not in self.methods or result.get("task") not in names or result.get("seed") not in self.seeds:
             return False
         wanted = [p for p in self.sparsities if p is not None]
         return not (get_method(method).uses_sparsity and wanted) or any(
@@ -74,8 +77,9 @@ class SweepSpec:
 
 
 def run_dir(root: Path, spec: RunSpec) -> Path:
+    """``ROOT/<task name>/<method>/p<p>/seed<s>`` (a task file's ``name``, not its path)."""
     p = "default" if spec.sparsity is None else f"{spec.sparsity:g}"
-    return Path(root) / spec.task / spec.method / f"p{p}" / f"seed{spec.seed}"
+    return Path(root) / get_task(spec.task).name / spec.method / f"p{p}" / f"seed{spec.seed}"
 
 
 def _line_of(text: str, key: str) -> int | None:
@@ -211,6 +215,8 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
     root = Path(root)
     specs = sweep.runs()
     todo = [s for s in specs if not (run_dir(root, s) / RESULT_FILE).exists()]
+    if todo:  # the data and the model, checked once before the first run instead of failing in every one
+        preflight(sweep.tasks, sweep.run.get("model", DEFAULT_MODEL), sweep.run.get("data_dir"))
     skipped = len(specs) - len(todo)
     todo, gpu_workers = _assign_devices(todo, jobs_per_gpu)
     workers = gpu_workers or jobs

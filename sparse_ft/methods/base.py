@@ -94,12 +94,14 @@ def is_no_decay(name: str) -> bool:
 class BuildContext:
     """What a method may need to build its tuned model.
 
-    ``selection_batches`` yields training batches at θ0 for gradient-based scorers (SAM, Fisher);
+    ``selection_batches`` yields training batches at θ0 for gradient-based scorers (SAM, Fisher), in file
+    order; ``training_batches`` yields one epoch of the shuffled training loader (SAM's ``rule="authors"``);
     ``mask_seed`` seeds every random choice of the method (DESIGN §4's third seed);
     ``max_steps`` is the length of the training run, when known (DiffPruning fits its phases into it).
     """
 
     selection_batches: Callable[[], Iterable[dict]] | None = None
+    training_batches: Callable[[], Iterable[dict]] | None = None
     mask_seed: int = 0
     device: torch.device | str = "cpu"
     max_steps: int | None = None

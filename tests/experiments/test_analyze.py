@@ -9,7 +9,6 @@ from sparse_ft.cli import main
 from sparse_ft.experiments.analyze import AnalyzeSettings, analyze_run, analyze_runs
 from sparse_ft.experiments.results import ANALYSIS_FILE, MODEL_FILE
 from sparse_ft.experiments.run import RunSpec, execute
-from tests.experiments.test_saved_runs import tiny_model_dir  # noqa: F401 - a fixture
 
 KEYS = {"point", "space", "dim", "examples", "lambda_max", "lambda_min", "residual_max", "residual_min", "converged",
         "hvps", "grad_norm", "rho", "n_train", "train_risk", "test_risk", "generalization_gap", "theorem1",
@@ -17,14 +16,14 @@ KEYS = {"point", "space", "dim", "examples", "lambda_max", "lambda_min", "residu
 
 
 def converged_run(model, data_dir, folder, method="sam", **extra):
-    spec = RunSpec(task="cb", method=method, sparsity=0.05 if method == "sam" else None, model=model,
+    spec = RunSpec(task="cb", method=method, sparsity=0.05 if method == "sam" else None, model=str(model),
                    data_dir=str(data_dir), preset="converge", train_limit=8, eval_limit=8, device="cpu",
                    train_overrides={"max_steps": 40, "eval_every": 10, "batch_size": 8, "max_length": 64,
                                     "lr": 1e-2, "converge_loss": 0.05}, **extra)
     return execute(spec, progress=False, log=lambda m: None, output=folder)
 
 
-def test_converged_protocol_records_its_stop(tiny_model_dir, data_dir, tmp_path):  # noqa: F811
+def test_converged_protocol_records_its_stop(tiny_model_dir, data_dir, tmp_path):
     result = converged_run(tiny_model_dir, data_dir, tmp_path / "run")
     assert result["stop"] in ("converged", "max_steps")
     assert result["best_step"] == result["steps"]  # A(S) is the last model, not the best on val
@@ -34,7 +33,7 @@ def test_converged_protocol_records_its_stop(tiny_model_dir, data_dir, tmp_path)
         assert result["steps"] == 40
 
 
-def test_analysis_at_A_of_S_in_both_spaces(tiny_model_dir, data_dir, tmp_path):  # noqa: F811
+def test_analysis_at_A_of_S_in_both_spaces(tiny_model_dir, data_dir, tmp_path):
     folder = tmp_path / "run"
     result = converged_run(tiny_model_dir, data_dir, folder)
     sub = analyze_run(folder, AnalyzeSettings(lanczos_steps=12, device="cpu"))
@@ -54,7 +53,7 @@ def test_analysis_at_A_of_S_in_both_spaces(tiny_model_dir, data_dir, tmp_path): 
     assert full["lambda_min"] <= sub["lambda_min"] + sub["residual_min"]
 
 
-def test_sweep_analysis_skips_done_runs_and_goes_past_bad_ones(tiny_model_dir, data_dir, tmp_path, capsys):  # noqa: F811
+def test_sweep_analysis_skips_done_runs_and_goes_past_bad_ones(tiny_model_dir, data_dir, tmp_path, capsys):
     root = tmp_path / "sweep"
     converged_run(tiny_model_dir, data_dir, root / "cb" / "bitfit" / "seed0", method="bitfit")
     converged_run(tiny_model_dir, data_dir, root / "cb" / "bitfit" / "seed1", method="bitfit", seed=1)

@@ -1,34 +1,49 @@
 import json
-import math
 
 import pytest
 
+from sparse_ft.errors import UserError
 from sparse_ft.experiments.reproduce import PLANS, estimated_cost, reproduce
-from theory.bounds import stability_bound
+from sparse_ft.experiments.results import load_analyses
 
 
 @pytest.mark.integration
 def test_quick_reproduction_on_a_tiny_model(tiny_model_dir, data_dir, tmp_path):
     paper = data_dir.parent / "paper_table1.csv"
+    messages = []
     index = reproduce("quick", tmp_path, data_dir=str(data_dir), paper_csv=paper if paper.exists() else None,
-                      model=str(tiny_model_dir), log=lambda msg: None)
+                      model=str(tiny_model_dir), log=messages.append)
+    assert [m.split(":")[0] for m in messages if m.startswith("stage")] == [f"stage {i}/4" for i in range(1, 5)]
     text = index.read_text()
     assert "## Table 1 (reduced)" in text and "| full |" in text and "| sam |" in text
-    for figure in ("figure1_projection.png", "figure3_sparsity.png", "figure2_ranks_ours.png"):
-        assert (tmp_path / figure).stat().st_size > 10_000
-    points = json.loads((tmp_path / "figure3.json").read_text())
-    assert [p["sparsity"] for p in points] == PLANS["quick"].figure3_sparsities
+    for figure in ("figure1_projection", "figure3_sparsity", "figure2_ranks_ours", "analysis_theorem2",
+                   "analysis_curvature"):
+        assert (tmp_path / f"{figure}.png").stat().st_size > 10_000
+    assert (tmp_path / "figure3_sparsity.svg").exists()
+    raw = (tmp_path / "figure3.json").read_text()
+    assert "Infinity" not in raw and "NaN" not in raw  # strict JSON: a vacuous bound is null
+    points = json.loads(raw)["points"]
+    plan = PLANS["quick"]
+    assert [p["sparsity"] for p in points] == plan.figure3_sparsities
+    analyses = load_analyses(tmp_path / "runs" / "theory")
+    assert len(analyses) == len(plan.figure3_sparsities) * len(plan.seeds)
+    assert all(a["point"] == "A(S)" and a["n_train"] == plan.converge["n"] for a in analyses)
     for p in points:
-        assert p["seeds"] == len(PLANS["quick"].seeds)
-        expected = stability_bound(p["rho"], p["lambda_min"], p["sparsity"], p["n"])
-        assert p["bound"] == expected or (math.isinf(p["bound"]) and math.isinf(expected))
+        assert p["point"] == "A(S)" and p["analysed_seeds"] == len(plan.seeds) and p["seeds"] == len(plan.seeds)
     assert points[0]["stability"] is not None and points[-1]["stability"] is not None
     # a second invocation finds every run done and recomputes nothing
-    stamp = (tmp_path / "figure3.json").stat().st_mtime_ns
-    cached = sorted((tmp_path / "runs" / "theory").iterdir())
+    cached = sorted((tmp_path / "runs" / "theory").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cached]
     reproduce("quick", tmp_path, data_dir=str(data_dir), model=str(tiny_model_dir), log=lambda msg: None)
-    assert sorted((tmp_path / "runs" / "theory").iterdir()) == cached
-    assert (tmp_path / "figure3.json").stat().st_mtime_ns >= stamp
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_missing_data_or_model_stops_before_any_run(tiny_model_dir, data_dir, tmp_path):
+    with pytest.raises(UserError, match="fetch-data"):
+        reproduce("quick", tmp_path / "a", data_dir=str(tmp_path / "no-data"), model=str(tiny_model_dir))
+    with pytest.raises(UserError, match="cannot load"):
+        reproduce("quick", tmp_path / "b", data_dir=str(data_dir), model=str(tmp_path / "no-model"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_paper_preset_states_its_cost():

@@ -16,22 +16,9 @@ from tests.conftest import tiny_config
 SIZING = {"diffpruning": {"burn_in_steps": 2}}
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    """A tiny random-init BERT saved as a Hugging Face folder (with the MiniLM tokenizer), so that runs
-    load it by path like any hub model."""
-    from transformers import BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    BertModel(tiny_config(vocab_size=len(tokenizer)), add_pooling_layer=False).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def spec(method, model, data_dir, **extra):
     sparsity = 0.05 if METHODS[method].uses_sparsity else None
-    return RunSpec(task="cb", method=method, sparsity=sparsity, model=model, data_dir=str(data_dir), train_limit=8,
+    return RunSpec(task="cb", method=method, sparsity=sparsity, model=str(model), data_dir=str(data_dir), train_limit=8,
                    eval_limit=8, device="cpu", method_options=SIZING.get(method, {}),
                    train_overrides={"max_steps": 4, "eval_every": 2, "batch_size": 4, "max_length": 64}, **extra)
 

@@ -189,3 +189,31 @@ def test_diag_curvature_runs_on_a_fused_attention_model_and_restores_it(tokenize
     indices, budget = config.select(model, context(batches))
     assert sum(len(i) for i in indices.values()) == budget
     assert model.backbone.config._attn_implementation == "sdpa"
+
+
+def test_sam_authors_rule_sums_clipped_train_mode_gradients_over_cycled_batches(bert_setup):
+    """rule='authors': per batch (shuffled loader, epochs repeated) clip every parameter's gradient to global
+    norm 1 in train mode, sum, score |Σ g|; checked against that loop written out here."""
+    from sparse_ft.methods import BuildContext
+
+    model, batches = bert_setup
+    steps = 5  # three batches per epoch: the loader is cycled
+    ctx = BuildContext(training_batches=lambda: iter(batches), mask_seed=2)
+    scores = make_method_config("sam", 0.01, rule="authors", authors_batches=steps).score(model, ctx)
+    expected = {n: torch.zeros_like(p) for n, p in model.backbone.named_parameters()}
+    torch.manual_seed(2)
+    model.train()
+    for batch in itertools.islice(itertools.cycle(batches), steps):
+        model.zero_grad()
+        model.loss(batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for n, p in model.backbone.named_parameters():
+            expected[n] += p.grad
+    model.zero_grad(set_to_none=True)
+    assert_scores_close(scores, {n: g.abs() for n, g in expected.items()})
+    theorem3 = make_method_config("sam", 0.01).score(model, context(batches))
+    top = {n: set(torch.topk(s.reshape(-1), 20).indices.tolist()) for n, s in scores.items() if s.numel() > 100}
+    ref = {n: set(torch.topk(theorem3[n].reshape(-1), 20).indices.tolist()) for n in top}
+    assert any(top[n] != ref[n] for n in top)  # a different rule, a different selection
+    with pytest.raises(Exception, match="rule"):
+        make_method_config("sam", 0.01, rule="magic")
