@@ -50,7 +50,8 @@ def get_sparse_model(model: nn.Module, config: MethodConfig, data: Iterable[dict
     method configs (``sft.SamConfig(sparsity=0.005)``: p is the fraction of the m backbone parameters that may
     change); ``data``: training batches at θ0 for the gradient-scored methods (sam, childpruning): a list or a
     ``DataLoader`` of dicts of tensors that ``model`` accepts, with ``labels`` (a one-shot iterator is read
-    once into a list), or a callable returning such an iterable; batches are moved to the model's device.
+    once into a list), or a callable returning such an iterable; batches are moved to the model's device. They
+    are also the training stream that ``SamConfig(rule="authors")`` cycles through.
     ``backbone``, ``modules_to_save``: the split (:class:`~sparse_ft.hf_model.HFTaskModel`; defaults from
     ``base_model_prefix``); ``seed``: every random choice of the method (random masks, LoRA and adapter
     initialisation, DESIGN §4's mask seed); ``max_steps``: the training run's length, which DiffPruning fits
@@ -65,7 +66,8 @@ def get_sparse_model(model: nn.Module, config: MethodConfig, data: Iterable[dict
     if not isinstance(config, MethodConfig):
         raise UserError(f"config must be a sparse-ft method config (e.g. sft.SamConfig()), got {type(config).__name__}")
     device = next(model.parameters()).device
-    context = BuildContext(selection_batches=_batches(data, device), mask_seed=seed, device=device,
+    batches = _batches(data, device)
+    context = BuildContext(selection_batches=batches, training_batches=batches, mask_seed=seed, device=device,
                            max_steps=max_steps)
     return SparseModel(config.build(HFTaskModel(model, backbone, modules_to_save), context))
 

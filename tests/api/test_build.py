@@ -85,6 +85,12 @@ def test_a_tied_output_embedding_is_the_backbone_tensor_in_both_uses():
     torch.testing.assert_close(delta.values.grad, expected.reshape(-1)[delta.indices])
 
 
+def test_the_data_also_feed_the_authors_sam_rule():
+    sparse = sft.get_sparse_model(tiny_model("bert"), sft.SamConfig(sparsity=0.05, rule="authors", authors_batches=3),
+                                  data=batches("bert"))
+    assert sparse.sparsity_report().budget > 0
+
+
 @pytest.mark.parametrize(("family", "targets"), [("bert", ("query", "value")), ("gpt2", ("c_attn",)),
                                                   ("llama", ("q_proj", "v_proj"))])
 def test_lora_default_targets_follow_the_architecture(family, targets):
