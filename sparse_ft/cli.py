@@ -26,8 +26,9 @@ def _option(text: str) -> tuple[str, object]:
         return key, value
 
 
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that builds a tuned model on a task."""
+def add_run_arguments(p: argparse.ArgumentParser, training: bool = True) -> None:
+    """Flags shared by every command that builds a tuned model on a task; ``training`` adds the ones that
+    only a command that trains uses."""
     p.add_argument("--task", required=True)
     p.add_argument("--method", required=True)
     p.add_argument("--sparsity", type=float, help="p: the fraction of backbone parameters that may change")
@@ -36,33 +37,38 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order and dropout (and head, mask unless given)")
     p.add_argument("--head-seed", type=int)
     p.add_argument("--mask-seed", type=int)
-    p.add_argument("--preset", default="cpu", help="training protocol: cpu (small) or paper (DESIGN §4)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--train-limit", type=int, help="train on a seeded subset of N examples")
-    p.add_argument("--eval-limit", type=int, help="score only the first N val and test examples")
+    p.add_argument("--train-limit", type=int, help="use a seeded subset of N training examples")
+    p.add_argument("--max-length", type=int, help="tokens per example (default: the preset's, 128 for cpu)")
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--max-length", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (CUDA graphs and fused AdamW on CUDA, length buckets); "
-                        "default: the preset's (paper: on CUDA only)")
     p.add_argument("--option", "-o", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. -o scope=global (see `sparse-ft methods`)")
+    p.add_argument("--preset", default="cpu",
+                   help="training protocol: cpu (small), converge (to a stationary point on 32 examples), "
+                        "paper (DESIGN §4)")
+    if not training:
+        return
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--eval-limit", type=int, help="score only the first N val and test examples")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (CUDA graphs and fused AdamW on CUDA, length buckets); "
+                        "default: the preset's (paper: on CUDA only). Matches eager only with dropout off: "
+                        "compiled dropout draws from its own random stream")
 
 
 def spec_from_args(args):
     from .experiments.run import RunSpec
 
-    overrides = {k: getattr(args, k) for k in ("max_steps", "batch_size", "lr", "eval_every", "max_length")}
+    overrides = {k: getattr(args, k, None) for k in ("max_steps", "batch_size", "lr", "eval_every", "max_length")}
     if getattr(args, "compile", None) is not None:
         overrides["compile"] = "on" if args.compile else "off"
     return RunSpec(
         task=args.task, method=args.method, sparsity=args.sparsity, model=args.model, data_dir=args.data_dir,
         seed=args.seed, head_seed=args.head_seed, mask_seed=args.mask_seed, preset=args.preset,
         train_overrides={k: v for k, v in overrides.items() if v is not None},
-        method_options=dict(args.option), train_limit=args.train_limit, eval_limit=args.eval_limit,
+        method_options=dict(args.option), train_limit=args.train_limit, eval_limit=getattr(args, "eval_limit", None),
         device=args.device, mask_path=getattr(args, "mask", None),
     )
 
@@ -162,11 +168,13 @@ def cmd_methods(args) -> None:
     from .methods import METHODS
 
     for name, cls in METHODS.items():
-        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.name != "sparsity")
-        first = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        print(f"{name:13s} {first}")
-        if options:
-            print(f"{'':13s} options: {options}")
+        config = cls()  # the effective defaults (__post_init__ resolves "auto" choices)
+        options = ", ".join(f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(cls)
+                            if f.name != "sparsity")
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        sparsity = f"p = {config.sparsity} (--sparsity)" if cls.uses_sparsity else "p fixed by the method"
+        print(f"{name}: {doc}")
+        print(f"    {sparsity}; options (-o KEY=VALUE): {options or 'none'}")
 
 
 def _csv(kind):
@@ -217,26 +225,45 @@ def _emit(payload: dict, text: str, json_path: str | None) -> None:
         write_json_atomic(Path(json_path), payload)
 
 
-def cmd_spectrum(args) -> None:
-    from .experiments.measure import measure_selected
-
-    m = measure_selected(spec_from_args(args), examples=args.examples, lanczos_steps=args.lanczos_steps)
-    flag = "converged" if m.converged else "NOT converged: an unconverged lambda_min is too high"
-    text = (f"Hessian of the {m.loss_scale} on {m.examples} {args.task} training examples, restricted to the "
-            f"{m.dim:,} coordinates {args.method} tunes (at theta0):\n"
+def _spectrum_text(m, where: str) -> str:
+    flag = ("certified: each extreme converged and the starts agree" if m.converged and m.starts_agree else
+            "NOT certified: an unconverged lambda_min is too high (raise --max-lanczos-steps)")
+    return (f"Hessian of the {m.loss_scale} on {m.examples} training examples, restricted to the {m.dim:,} "
+            f"coordinates {m.method} tunes, at {where}:\n"
             f"  lambda_max = {m.lambda_max:.6g}  (Ritz residual {m.residual_max:.2e})\n"
             f"  lambda_min = {m.lambda_min:.6g}  (Ritz residual {m.residual_min:.2e})\n"
-            f"  {m.hvps} Hessian-vector products, {flag}")
-    _emit(m.to_dict(), text, args.json)
+            f"  rho_hat = {m.rho:.4g} (largest per-example gradient norm on those examples)\n"
+            f"  {m.hvps} Hessian-vector products from 2 random starts; {flag}")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_spectrum(args) -> None:
+    from .experiments.measure import measure_selected, measure_tuned
+    from .experiments.saved import prepare_saved_run
+
+    if args.run:
+        run, tuned, _ = prepare_saved_run(args.run, device=args.device)
+        m = measure_tuned(run, tuned, args.examples, args.lanczos_steps, args.max_lanczos_steps, "A(S)", _log)
+        where = f"A(S) of the saved run {args.run}"
+    else:
+        if not (args.task and args.method):
+            raise UserError("give --task and --method (the selected set at theta0), or --run DIR (a saved A(S))")
+        m = measure_selected(spec_from_args(args), args.examples, args.lanczos_steps, args.max_lanczos_steps, _log)
+        where = "theta0 (the selected set before training; Theorems 1-2 speak of A(S): use --run)"
+    _emit(m.to_dict(), _spectrum_text(m, where), args.json)
 
 
 def cmd_bounds(args) -> None:
     from theory.bounds import generalization_bound_report, stability_bound_report
 
     try:  # the bounds check their inputs' ranges and say which one failed
-        reports = [stability_bound_report(args.rho, args.lambda_min, args.sparsity, args.n),
+        checks = {"residual_min": args.residual_min}
+        reports = [stability_bound_report(args.rho, args.lambda_min, args.sparsity, args.n, **checks),
                    generalization_bound_report(args.risk, args.rho, args.lambda_min, args.sparsity, args.n,
-                                               args.C, args.delta)]
+                                               args.C, args.delta, **checks)]
     except ValueError as exc:
         raise UserError(str(exc)) from None
     _emit({"bounds": [r.to_dict() for r in reports]}, "\n".join(map(str, reports)), args.json)
@@ -245,18 +272,25 @@ def cmd_bounds(args) -> None:
 def cmd_stability(args) -> None:
     from theory.bounds import check_stability
 
-    from .experiments.measure import loo_stability, measure_selected
+    from .experiments.measure import loo_stability, measure_tuned
+    from .experiments.run import prepare
+    from .experiments.saved import read_result, run_spec
 
-    spec = spec_from_args(args)
+    spec = run_spec(read_result(args.run)) if args.run else spec_from_args(args)
+    _log(f"stability of {spec.method} on {spec.task}: {args.retrains} + 2 trainings (A(S), its same-seed rerun "
+         f"for the noise floor, {args.retrains} leave-one-out retrains), then the spectrum and rho_hat at A(S)")
+    trained = []
     estimate, n = loo_stability(spec, retrains=args.retrains, seed=args.seed, replicas=args.replicas,
-                                replica_batch=args.replica_batch)
-    m = measure_selected(spec, examples=min(n, args.examples))
+                                replica_batch=args.replica_batch, progress=not args.quiet, trained=trained)
+    run = prepare(spec)
+    m = measure_tuned(run, trained[0], min(n, args.examples), log=_log)
     check = check_stability(estimate.epsilon, m.rho, m.lambda_min, m.sparsity, n,
-                            ci=(estimate.ci_low, estimate.ci_high))
-    text = (f"{args.method} on {args.task}: {n} training examples, {args.retrains} leave-one-out retrains "
-            f"(same-seed noise floor {estimate.noise_floor:.3g}); rho_hat and lambda_min measured at theta0 on "
-            f"{m.examples} examples (lambda_min residual {m.residual_min:.2g}, "
-            f"{'converged' if m.converged else 'NOT converged'})\n{check}")
+                            ci=(estimate.ci_low, estimate.ci_high), residual_min=m.residual_min,
+                            lambda_max=m.lambda_max)
+    text = (f"{spec.method} on {spec.task}: {n} training examples, {args.retrains} leave-one-out retrains "
+            f"(same-seed noise floor {estimate.noise_floor:.3g}); rho_hat and lambda_min measured at A(S) (the model "
+            f"trained on all n) on {m.examples} examples, its tunable subspace (lambda_min residual "
+            f"{m.residual_min:.2g}, {'certified' if m.converged and m.starts_agree else 'NOT certified'})\n{check}")
     _emit({"stability": estimate.to_dict(), "check": check.to_dict(), "subspace": m.to_dict()}, text, args.json)
 
 
@@ -313,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("select", help="compute a mask method's mask without training and save it")
-    add_run_arguments(p)
+    add_run_arguments(p, training=False)
     p.add_argument("--output", required=True, help="the mask file (safetensors)")
     p.set_defaults(func=cmd_select)
 
@@ -343,33 +377,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paper", help="the paper's Table 1 CSV, to print side by side")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("spectrum", help="lambda_max, lambda_min of the Hessian on a method's tunable subspace")
-    add_run_arguments(p)
+    p = sub.add_parser("spectrum", help="lambda_max, lambda_min and rho_hat on a method's tunable subspace, "
+                                        "at theta0 (--task/--method) or at a saved run's A(S) (--run)")
+    add_run_arguments(p, training=False)
+    for action in p._actions:  # the run flags are optional here: --run replaces them
+        if action.dest in ("task", "method"):
+            action.required = False
+    p.add_argument("--run", help="a saved run folder: measure its tuned model at A(S)")
     p.add_argument("--examples", type=int, default=16, help="training examples the Hessian averages over")
-    p.add_argument("--lanczos-steps", type=int, default=15)
+    p.add_argument("--lanczos-steps", type=int, default=20, help="Krylov steps per start to begin with")
+    p.add_argument("--max-lanczos-steps", type=int, default=120,
+                   help="double the steps until both extremes are certified, up to this many")
     p.add_argument("--json", help="also write the numbers to this JSON file")
     p.set_defaults(func=cmd_spectrum)
 
-    p = sub.add_parser("stability", help="leave-one-out stability against the Theorem 1 bound")
+    p = sub.add_parser("stability", help="leave-one-out stability against the Theorem 1 bound, measured at A(S)")
     add_run_arguments(p)
+    for action in p._actions:
+        if action.dest in ("task", "method"):
+            action.required = False
+    p.add_argument("--run", help="a saved run: retrain its spec (the same data, seeds and protocol)")
     p.add_argument("--retrains", type=int, default=4, help="K: leave-one-out retrains")
     p.add_argument("--replicas", choices=("sequential", "batched"), default="sequential",
                    help="retrain one model at a time, or all K + 2 as one vmapped batch of replicas "
                         "(methods with a fixed tunable set; see benchmarks/bench_loo_replicas.py)")
     p.add_argument("--replica-batch", type=int, help="replicas per batch with --replicas batched (default all)")
-    p.add_argument("--examples", type=int, default=16, help="examples for rho and lambda_min")
+    p.add_argument("--examples", type=int, default=16, help="examples for rho and lambda_min at A(S)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json")
     p.set_defaults(func=cmd_stability)
 
-    p = sub.add_parser("bounds", help="evaluate the Theorem 1 and 2 bounds")
-    p.add_argument("--rho", type=float, required=True)
-    p.add_argument("--lambda-min", type=float, required=True)
-    p.add_argument("--sparsity", type=float, required=True)
-    p.add_argument("--n", type=int, required=True)
-    p.add_argument("--risk", type=float, default=0.0, help="empirical risk R_hat (Theorem 2)")
-    p.add_argument("--C", type=float, default=1.0, help="loss bound C (Theorem 2)")
-    p.add_argument("--delta", type=float, default=0.05)
-    p.add_argument("--json")
+    p = sub.add_parser("bounds", help="evaluate Theorems 1 and 2 from measured numbers (mean-loss scale)",
+                       description="Theorem 1: 2 rho^2 / ((lambda_min + 2(1-p)) n); Theorem 2: R_hat + sqrt((C^2 + "
+                                   "24 C rho^2 / (lambda_min + 2(1-p))) / (2 n delta)). Measure rho and lambda_min at "
+                                   "A(S) with `sparse-ft analyze RUN` (or `spectrum --run RUN`).")
+    p.add_argument("--rho", type=float, required=True,
+                   help="rho: Lipschitz constant of the per-example loss, e.g. the largest per-example gradient norm")
+    p.add_argument("--lambda-min", type=float, required=True,
+                   help="Lambda_min: the smallest Hessian eigenvalue of the mean training loss at A(S)")
+    p.add_argument("--sparsity", type=float, required=True, help="p in (0, 1]: the fraction of parameters tuned")
+    p.add_argument("--n", type=int, required=True, help="n: the number of training examples")
+    p.add_argument("--risk", type=float, default=0.0, help="R_hat: the empirical risk, mean training loss (Theorem 2)")
+    p.add_argument("--C", type=float, default=1.0, help="C: the loss is bounded in [0, C] (Theorem 2)")
+    p.add_argument("--delta", type=float, default=0.05, help="delta: the bound holds with probability >= 1 - delta")
+    p.add_argument("--residual-min", type=float, default=0.0,
+                   help="Lambda_min's Ritz residual, for the strict-PSD tolerance")
+    p.add_argument("--json", help="also write both reports to this JSON file")
     p.set_defaults(func=cmd_bounds)
 
     p = sub.add_parser("reproduce", help="the paper's experiments: reduced Table 1, Figures 1-3, an index page")

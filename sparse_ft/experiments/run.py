@@ -177,7 +177,9 @@ def fit(spec: RunSpec, exclude: frozenset[int] = frozenset(), progress: bool = T
     Returns the prepared run, the trained tuned model and the training outcome."""
     run = prepare(spec, exclude)
     tuned = build_tuned(run)
-    log(tuned.describe())
+    report = tuned.sparsity_report()
+    log(f"{tuned.config.name}: trains {report.trainable:,} entries (+{report.head_params:,} head); budget "
+        f"{report.budget:,} of m = {report.backbone_params:,} ({report.budget / report.backbone_params:.4%})")
     outcome = train(tuned, run.loaders["train"], run.loaders["val"], run.config, run.device,
                     seed=spec.seeds()["data"], progress=progress, train_eval_loader=run.loaders["selection"])
     return run, tuned, outcome

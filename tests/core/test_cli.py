@@ -116,3 +116,54 @@ def test_bounds_command(capsys, tmp_path):
     assert "VACUOUS" in capsys.readouterr().out
     _one_line_error(capsys, main(["bounds", "--rho", "1", "--lambda-min", "0", "--sparsity", "2", "--n", "5"]),
                     "p must lie in (0, 1]")
+
+
+def _help(command: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_lists_only_what_applies_and_describes_every_flag(capsys):
+    spectrum = _help("spectrum", capsys)
+    assert "--run" in spectrum and "--max-lanczos-steps" in spectrum
+    for training_only in ("--lr", "--max-steps", "--eval-every", "--compile", "--eval-limit"):
+        assert training_only not in spectrum
+    from sparse_ft.cli import build_parser
+
+    bounds = build_parser()._subparsers._group_actions[0].choices["bounds"]
+    undocumented = [a.dest for a in bounds._actions if a.dest != "help" and not a.help]
+    assert undocumented == []
+    assert "2 rho^2" in _help("bounds", capsys)
+
+
+def test_methods_listing_shows_effective_defaults(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "ratio=0.9" in out and "apply_to='linear'" in out  # mixout's r and its resolved 'auto'
+    assert "p fixed by the method" in out and "p = 0.005" in out
+
+
+def test_bounds_holds_on_a_ridge_like_case_and_says_why_when_vacuous(capsys, tmp_path):
+    """The README's two examples: a case where the assumptions hold (a bound), and a vacuous one (null + reason)."""
+    out = tmp_path / "b.json"
+    assert main(["bounds", "--rho", "0.5", "--lambda-min", "0.1", "--sparsity", "0.01", "--n", "200",
+                 "--risk", "0.2", "--json", str(out)]) == 0
+    theorem1, theorem2 = json.loads(out.read_text())["bounds"]
+    assert theorem1["value"] == pytest.approx(2 * 0.25 / ((0.1 + 2 * 0.99) * 200))
+    assert theorem2["value"] > 0.2 and not theorem1["vacuous"]
+    assert main(["bounds", "--rho", "2", "--lambda-min", "-4.25", "--sparsity", "0.005", "--n", "224",
+                 "--json", str(out)]) == 0
+    raw = out.read_text()
+    assert "Infinity" not in raw
+    vacuous = json.loads(raw)["bounds"][0]
+    assert vacuous["value"] is None and vacuous["failed_assumption"] == "relaxed_strong_convexity"
+
+
+def test_spectrum_default_is_certified_on_a_small_subspace(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "s.json"
+    assert main(["spectrum", "--task", "cb", "--method", "bitfit", "--model", str(tiny_model_dir), "--data-dir",
+                 str(data_dir), "--examples", "8", "--device", "cpu", "--json", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["converged"] and m["starts_agree"] and m["point"] == "theta0"
+    assert "certified" in capsys.readouterr().out
