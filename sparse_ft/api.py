@@ -2,15 +2,15 @@
 
 Example (MiniLM, the embedded model; any ``PreTrainedModel`` works the same way)::
 
-    >>> import sparse_ft as sft
-    >>> from transformers import AutoModelForSequenceClassification
-    >>> hf = AutoModelForSequenceClassification.from_pretrained(sft.resolve_model_path("minilm"), num_labels=2)
-    >>> model = sft.get_sparse_model(hf, sft.SamConfig(sparsity=0.005), data=batches)
-    >>> model.print_trainable_parameters()
-    >>> transformers.Trainer(model=model, args=args, train_dataset=train).train()
-    >>> model.save_pretrained("out")
-    >>> model = sft.SparseModel.from_pretrained(fresh_hf, "out")
-    >>> merged = model.merge_and_unload()          # a plain transformers model, same logits
+    import sparse_ft as sft
+    from transformers import AutoModelForSequenceClassification
+    hf = AutoModelForSequenceClassification.from_pretrained(sft.resolve_model_path("minilm"), num_labels=2)
+    model = sft.get_sparse_model(hf, sft.SamConfig(sparsity=0.005), data=batches)
+    model.print_trainable_parameters()
+    transformers.Trainer(model=model, args=args, train_dataset=train).train()
+    model.save_pretrained("out")
+    model = sft.SparseModel.from_pretrained(fresh_hf, "out")
+    merged = model.merge_and_unload()          # a plain transformers model, same logits
 
 :func:`get_sparse_model` presents the model as a task model (:class:`~sparse_ft.hf_model.HFTaskModel`: the
 backbone's parameters are m, ``modules_to_save`` train absolutely beside them) and applies the method with

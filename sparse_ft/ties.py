@@ -14,8 +14,8 @@ of a (merged) copy back into ordinary ties, one Parameter held by both modules, 
 
 Example::
 
-    >>> ties = find_ties(gpt2_lm, inside="transformer")   # {"lm_head.weight": "transformer.wte.weight"}
-    >>> make_views(gpt2_lm, ties)                        # lm_head.weight now reads transformer.wte.weight
+    ties = find_ties(gpt2_lm, inside="transformer")   # {"lm_head.weight": "transformer.wte.weight"}
+    make_views(gpt2_lm, ties)                        # lm_head.weight now reads transformer.wte.weight
 """
 
 from __future__ import annotations
