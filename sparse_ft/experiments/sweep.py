@@ -185,6 +185,15 @@ def _assign_devices(specs: list[RunSpec], jobs_per_gpu: int) -> tuple[list[RunSp
     return placed, gpus * jobs_per_gpu
 
 
+def require_ray() -> None:
+    """One line, before any work, where Ray is missing."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise UserError("--executor ray needs Ray: .venv/bin/python -m pip install 'ray>=2.9' "
+                        "(or set up with EXTRAS=dev,notebooks,ray bash scripts/setup.sh)") from None
+
+
 def run_calls(fn, calls: list[tuple], workers: int, bar) -> list:
     """``fn(*args)`` for every ``args`` in ``calls``, ticking ``bar`` as each finishes; results in the order
     they finish. One worker: in this process. More: in spawned worker processes, a fresh one per call
@@ -212,6 +221,8 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
     from tqdm.auto import tqdm
 
     validate(sweep)
+    if executor == "ray":
+        require_ray()
     root = Path(root)
     specs = sweep.runs()
     todo = [s for s in specs if not (run_dir(root, s) / RESULT_FILE).exists()]
@@ -237,10 +248,7 @@ def run_sweep(sweep: SweepSpec, root: str | Path, jobs: int = 1, jobs_per_gpu: i
 
 def _run_ray(specs: list[RunSpec], root: Path, jobs_per_gpu: int, threads: int, bar, save_model: bool) -> list[dict]:
     """One Ray task per run; a GPU run asks for 1/jobs_per_gpu of a GPU."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--executor ray needs Ray: pip install 'sparse-ft[ray]'") from None
+    import ray
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     remote = ray.remote(_execute_into)

@@ -87,7 +87,6 @@ def test_compiled_step_gives_the_eager_losses_on_cpu(method):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_step_eager_and_compiled_agree():
     data = [{k: v.pin_memory() for k, v in b.items()} for b in batches(length=32)]
     results = {}
@@ -131,7 +130,6 @@ def test_step_benchmark_runs_and_reports_ratios_against_lora(capsys):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_step_benchmark_on_cuda(capsys):
     report = _bench_step(capsys, "--device", "cuda", "--steps", "3")
     assert report["device_type"] == "cuda" and report["ratios_vs_lora"]["sam"]["step"] > 0
