@@ -77,8 +77,7 @@ def cmd_train(args) -> None:
     from .experiments.results import summary_line
     from .experiments.run import execute
 
-    spec = spec_from_args(args)
-    spec.validate()
+    spec = spec_from_args(args)  # execute checks it (and builds its method config) before any work
     result = execute(spec, progress=not args.quiet, log=lambda msg: print(msg, file=sys.stderr),
                      output=args.output, save_model=args.save_model)
     print(summary_line(result))
@@ -127,16 +126,16 @@ def cmd_analyze(args) -> None:
 
 def cmd_select(args) -> None:
     from .experiments.run import prepare
-    from .methods import METHODS, make_method_config
+    from .methods import METHODS, get_method
     from .methods.masks import MaskMethodConfig, SparseDeltaTuned
     from .methods.saving import save_tuned
 
     spec = spec_from_args(args)
-    config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
-    if not isinstance(config, MaskMethodConfig):
+    if not issubclass(get_method(spec.method), MaskMethodConfig):
         masks = [n for n, cls in METHODS.items() if issubclass(cls, MaskMethodConfig)]
         raise UserError(f"method {spec.method!r} has no mask to select; mask methods: {', '.join(masks)}")
     run = prepare(spec)
+    config = run.method
     indices, budget = config.select(run.model.to(run.device), run.context)
     tuned = SparseDeltaTuned(run.model, config, indices, budget)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .errors import UserError, check_range
+from .errors import UserError, check_choice, check_range
 from .metrics import compute_metrics
 from .models import TaskModel, example_losses
 
@@ -63,8 +63,7 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("batch_size", "max_length", "eval_every", "max_steps", "patience", "check_every"):
             check_range(name, getattr(self, name), 1)
-        if self.compile not in COMPILE_CHOICES:
-            raise UserError(f"compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
+        check_choice("compile", self.compile, COMPILE_CHOICES)
         check_range("lr", self.lr, 0.0, low_open=True)
         check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
         check_range("weight_decay", self.weight_decay, 0.0)

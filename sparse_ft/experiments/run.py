@@ -18,7 +18,7 @@ import torch
 
 from .. import data as data_mod
 from ..errors import UserError, check_range
-from ..methods import BuildContext, TunedModel, make_method_config
+from ..methods import BuildContext, MethodConfig, TunedModel, make_method_config
 from ..methods.masks import load_mask_into
 from ..methods.saving import save_tuned
 from ..models import DEFAULT_MODEL, TaskModel, build_task_model, load_tokenizer, resolve_model_path
@@ -50,14 +50,17 @@ class RunSpec:
                 "head": self.seed if self.head_seed is None else self.head_seed,
                 "mask": self.seed if self.mask_seed is None else self.mask_seed}
 
-    def validate(self) -> None:
+    def validate(self) -> MethodConfig:
+        """Check every field (one :class:`UserError` line) and return the run's method config, the one
+        place it is built."""
         get_task(self.task)
-        make_method_config(self.method, self.sparsity, **self.method_options)
+        method = make_method_config(self.method, self.sparsity, **self.method_options)
         if self.train_limit is not None:
             check_range("train_limit", self.train_limit, 1)
         if self.eval_limit is not None:
             check_range("eval_limit", self.eval_limit, 1)
         preset(self.preset, **self.train_overrides)
+        return method
 
 
 def preflight(tasks, model: str, data_dir: str | None) -> None:
@@ -110,12 +113,13 @@ class PreparedRun:
     features: dict[str, list]
     loaders: dict[str, object]
     context: BuildContext
+    method: MethodConfig
 
 
 def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun:
     """Data, model and method context of a run; ``exclude`` leaves training examples out (by their
     position in the training set after ``train_limit``), keeping the others' order."""
-    spec.validate()
+    method = spec.validate()
     task = get_task(spec.task)
     config = preset(spec.preset, **spec.train_overrides)
     device = resolve_device(spec.device)
@@ -137,7 +141,7 @@ def prepare(spec: RunSpec, exclude: frozenset[int] = frozenset()) -> PreparedRun
     }
     model = build_task_model(task, spec.model, head_seed=seeds["head"])
     context = build_context(loaders["selection"], seeds["mask"], device, config, loaders["train"])
-    return PreparedRun(spec, task, model, tokenizer, config, device, features, loaders, context)
+    return PreparedRun(spec, task, model, tokenizer, config, device, features, loaders, context, method)
 
 
 def training_loaders(train_features: list, collator, config, data_seed: int, pin: bool,
@@ -161,15 +165,14 @@ def build_context(selection_loader, mask_seed: int, device: torch.device, config
 
 def build_tuned(run: PreparedRun):
     """Apply the run's method (or its saved mask) to the prepared model."""
-    return build_method(run.spec, run.model.to(run.device), run.context)
+    return build_method(run, run.model.to(run.device), run.context)
 
 
-def build_method(spec: RunSpec, model: TaskModel, context: BuildContext):
-    """Apply ``spec``'s method (or its saved mask) to ``model``, selecting on ``context``'s data."""
-    method_config = make_method_config(spec.method, spec.sparsity, **spec.method_options)
-    if spec.mask_path:
-        return load_mask_into(spec.mask_path, model, method_config)
-    return method_config.build(model, context)
+def build_method(run: PreparedRun, model: TaskModel, context: BuildContext):
+    """Apply the run's method (or its saved mask) to ``model``, selecting on ``context``'s data."""
+    if run.spec.mask_path:
+        return load_mask_into(run.spec.mask_path, model, run.method)
+    return run.method.build(model, context)
 
 
 def fit(spec: RunSpec, exclude: frozenset[int] = frozenset(), progress: bool = True, log=print):
@@ -197,7 +200,7 @@ def fit_replicas(spec: RunSpec, excludes: list[frozenset[int]], progress: bool =
     for exclude in excludes:
         loaders = training_loaders(run.features["train"], collator, run.config, seeds["data"], pin, exclude)
         context = build_context(loaders["selection"], seeds["mask"], run.device, run.config, loaders["train"])
-        tuned_models.append(build_method(spec, copy.deepcopy(run.model).to(run.device), context))
+        tuned_models.append(build_method(run, copy.deepcopy(run.model).to(run.device), context))
         train_loaders.append(loaders["train"])
     outcomes = train_replicas(tuned_models, train_loaders, run.loaders["val"], run.config, run.device,
                               seed=seeds["data"], progress=progress)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, check_choice
 from ..methods import TunedModel
 from ..methods.saving import load_tuned
 from ..models import build_task_model
@@ -83,8 +83,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", data_dir: str | None 
 
     Returns ``{"run", "split", "point": "A(S)", "metrics", "score"}`` with ``score`` the major metric ×100;
     on the run's own data it equals ``result.json``'s score for that split."""
-    if split not in ("val", "test"):
-        raise UserError(f"--split must be val or test, got {split!r}")
+    check_choice("--split", split, ("val", "test"))
     run, tuned, result = prepare_saved_run(run_dir, data_dir, device)
     metrics, _ = final_metrics(tuned, run, splits=(split,))
     return {"run": str(run_dir), "task": result["task"], "method": result["method"], "split": split,

@@ -60,9 +60,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UserError, check_range
+from ..errors import UserError, check_choice, check_range
 from ..models import TaskModel
-from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
+from .base import BuildContext, MethodConfig, TunedModel, register
 
 VARIANTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu, "tanh": torch.tanh}
@@ -93,14 +93,11 @@ class AdapterConfig(MethodConfig):
     train_layernorm: bool = False
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise UserError(f"adapter variant must be one of {VARIANTS}, got {self.variant!r}")
+        check_choice("adapter variant", self.variant, VARIANTS)
         check_range("reduction_factor", self.reduction_factor, 0.0, low_open=True)
         check_range("init_std", self.init_std, 0.0)
         self.non_linearity = self.non_linearity or DEFAULT_NON_LINEARITY[self.variant]
-        if self.non_linearity not in NON_LINEARITIES:
-            raise UserError(f"adapter non_linearity must be one of {sorted(NON_LINEARITIES)}, "
-                            f"got {self.non_linearity!r}")
+        check_choice("adapter non_linearity", self.non_linearity, sorted(NON_LINEARITIES))
 
     def build(self, model: TaskModel, context: BuildContext) -> AdapterTuned:
         with context.seeded():
@@ -212,16 +209,12 @@ class AdapterTuned(TunedModel):
         params = dict(self.model.backbone.named_parameters())
         return sum(int((params[n].detach().cpu() != theta0).sum()) for n, theta0 in self._layernorms.items())
 
-    def sparsity_report(self) -> SparsityReport:
+    additive = True
+
+    def budget_and_changed(self) -> tuple[int, int]:
         added = self.added_param_count()
-        return SparsityReport(
-            backbone_params=self.backbone_params,
-            budget=added + sum(t.numel() for t in self._layernorms.values()),
-            changed=added + self._changed_layernorm_entries(),
-            trainable=self.trainable_param_count(),
-            head_params=self.head_param_count(),
-            additive=True,
-        )
+        return (added + sum(t.numel() for t in self._layernorms.values()),
+                added + self._changed_layernorm_entries())
 
     def merge_into_dense(self) -> TaskModel:
         """A stand-alone TaskModel with the same logits: a copy whose hooked modules own their adapters

@@ -262,9 +262,19 @@ class TunedModel(nn.Module, abc.ABC):
             raise UserError(f"saved state does not fit this {self.config.name} model: {sorted(missing)[:3]}")
         self.load_state_dict(state, strict=False)
 
-    @abc.abstractmethod
+    additive: ClassVar[bool] = False  # True: the method adds parameters (counted as the budget and as changed)
+
     def sparsity_report(self) -> SparsityReport:
-        """||θ − θ0||₀ against m, with the budget (DESIGN §5)."""
+        """||θ − θ0||₀ against m, with the budget (DESIGN §5): the one place a report is built."""
+        budget, changed = self.budget_and_changed()
+        return SparsityReport(backbone_params=self.backbone_params, budget=budget, changed=changed,
+                              trainable=self.trainable_param_count(), head_params=self.head_param_count(),
+                              additive=self.additive)
+
+    @abc.abstractmethod
+    def budget_and_changed(self) -> tuple[int, int]:
+        """(budget, changed): the most backbone entries the method may change (or the parameters it adds),
+        and how many differ from θ0 now by exact comparison (or the added ones)."""
 
     @abc.abstractmethod
     def merge_into_dense(self) -> TaskModel:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models import TaskModel
-from .base import BuildContext, MethodConfig, SparsityReport, Theta0Snapshot, TunedModel, register
+from .base import BuildContext, MethodConfig, Theta0Snapshot, TunedModel, register
 
 
 @register
@@ -30,14 +30,8 @@ class FullTuned(TunedModel):
         model.requires_grad_(True)
         self.theta0 = Theta0Snapshot(model.backbone)
 
-    def sparsity_report(self) -> SparsityReport:
-        return SparsityReport(
-            backbone_params=self.backbone_params,
-            budget=self.backbone_params,
-            changed=self.theta0.count_changed(self.model.backbone),
-            trainable=self.trainable_param_count(),
-            head_params=self.head_param_count(),
-        )
+    def budget_and_changed(self) -> tuple[int, int]:
+        return self.backbone_params, self.theta0.count_changed(self.model.backbone)
 
     @torch.no_grad()
     def merge_into_dense(self) -> TaskModel:

@@ -42,7 +42,7 @@ import torch
 
 from ..errors import UserError, check_range
 from ..models import TaskModel
-from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
+from .base import BuildContext, MethodConfig, TunedModel, register
 
 DEFAULT_TARGETS = ("query", "value")  # DESIGN §5; peft's default for BERT and RoBERTa too
 
@@ -126,16 +126,11 @@ class LoRATuned(TunedModel):
     def added_param_count(self) -> int:
         return sum(p.numel() for name, p in self.model.backbone.named_parameters() if "lora_" in name)
 
-    def sparsity_report(self) -> SparsityReport:
+    additive = True
+
+    def budget_and_changed(self) -> tuple[int, int]:
         added = self.added_param_count()
-        return SparsityReport(
-            backbone_params=self.backbone_params,
-            budget=added,
-            changed=added,
-            trainable=self.trainable_param_count(),
-            head_params=self.head_param_count(),
-            additive=True,
-        )
+        return added, added
 
     @torch.no_grad()
     def merge_into_dense(self) -> TaskModel:

@@ -21,7 +21,7 @@ from ..delta import SparseDelta, delta_of, use_sparse_forward
 from ..errors import UserError, check_choice, check_range
 from ..models import TaskModel
 from ..parametrized import unparametrize_copy
-from .base import BuildContext, MethodConfig, SparsityReport, TunedModel
+from .base import BuildContext, MethodConfig, TunedModel
 from .saving import check_base, read_tuned, saved_config
 
 SCOPES = ("per_tensor", "global")
@@ -187,10 +187,8 @@ class SparseDeltaTuned(TunedModel):
             total += int((theta != delta.theta0_at).sum())
         return total
 
-    def sparsity_report(self) -> SparsityReport:
-        return SparsityReport(backbone_params=self.backbone_params, budget=self.budget,
-                              changed=self.changed_count(), trainable=self.trainable_param_count(),
-                              head_params=self.head_param_count())
+    def budget_and_changed(self) -> tuple[int, int]:
+        return self.budget, self.changed_count()
 
     # -------------------------------------------------------------- merge
     def merge_into_dense(self) -> TaskModel:

@@ -63,7 +63,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import UserError, check_choice, check_range
 from ..models import TaskModel
 from ..parametrized import unparametrize_copy
-from .base import BuildContext, MethodConfig, SparsityReport, TunedModel, register
+from .base import BuildContext, MethodConfig, TunedModel, register
 
 MODES = ("train_swap", "eval_reset")
 APPLY_TO = ("auto", "linear", "all")
@@ -222,7 +222,7 @@ class MixoutTuned(TunedModel):
             self.mask_seed, self.draws = saved
 
     @torch.no_grad()
-    def _counts(self) -> tuple[int, int]:
+    def budget_and_changed(self) -> tuple[int, int]:
         """(budget, changed) of the model that evaluation uses, against θ0, compared exactly."""
         reset_mode = self.config.mode == "eval_reset"
         budget = changed = 0
@@ -241,15 +241,6 @@ class MixoutTuned(TunedModel):
             changed += int((params[name].detach().cpu() != theta0).sum())
         return budget, changed
 
-    def sparsity_report(self) -> SparsityReport:
-        budget, changed = self._counts()
-        return SparsityReport(
-            backbone_params=self.backbone_params,
-            budget=budget,
-            changed=changed,
-            trainable=self.trainable_param_count(),
-            head_params=self.head_param_count(),
-        )
 
     def describe(self) -> str:
         config = self.config
