@@ -32,6 +32,8 @@ NOTEBOOKS_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = NOTEBOOKS_DIR.parent.parent / "shared" / "data" / "tasks"  # ../../shared/data/tasks from notebooks/
 FETCHED_DATA = NOTEBOOKS_DIR / "data" / "tasks"  # where the fetch-data hint below writes
 TINY_MODEL_VERSION = "v1"
+NOISE = ("IProgress not found", "Sparse CSR tensor support is in beta", "vmap over examples failed",
+         "The figure layout has changed to tight")  # the last: library helpers calling tight_layout under our style
 
 STRICT = os.environ.get("SPARSE_FT_STRICT_CHECKS") == "1"  # the solution notebooks set course.STRICT = True
 
@@ -102,7 +104,7 @@ def quick_from_env() -> bool:
 def setup(data_dir=None, quick: bool | None = None, tasks=("cb",), verbose: bool = True) -> Settings:
     """Quick mode, data folder, model, threads, quiet libraries and the figure style, in one call."""
     quick = quick_from_env() if quick is None else bool(quick)
-    for noise in ("IProgress not found", "Sparse CSR tensor support is in beta", "vmap over examples failed"):
+    for noise in NOISE:
         warnings.filterwarnings("ignore", message=noise)  # library chatter, not results
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
