@@ -49,7 +49,7 @@ class Table:
     @property
     def tasks(self) -> list[str]:
         present = {t for cells in self.rows.values() for t in cells}
-        return [t for t in TASKS if t in present]
+        return [t for t in TASKS if t in present] + sorted(present - set(TASKS))  # task files after the paper's
 
     def mean_std(self, row: str, column: str) -> tuple[float, float] | None:
         cells = self.rows[row]

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from sparse_ft.experiments import sweep as sweep_mod
 from sparse_ft.errors import UserError
+from sparse_ft.experiments import sweep as sweep_mod
 from sparse_ft.experiments.report import build_table, to_markdown, write_report
 from sparse_ft.experiments.results import ERROR_FILE, RESULT_FILE
 from sparse_ft.experiments.sweep import SweepSpec, load_sweep_file, run_dir, run_sweep
@@ -131,3 +131,20 @@ def test_report_skips_and_reports_corrupt_results(tmp_path):
     lines = write_report(tmp_path / "runs", tmp_path / "out")
     assert any("unreadable result" in line and str(bad) in line for line in lines)
     assert "70.00 ± 0.00 [1]" in (tmp_path / "out" / "table1.md").read_text()
+
+
+def test_a_csv_task_file_trains_through_a_parallel_sweep(tiny_model_dir, tmp_path):
+    """A task file where a task name goes: the sweep's spawned workers resolve it by its path, the run folder
+    is named after the task, and the report groups by that name."""
+    from tests.core.test_task_files import _reviews
+
+    task_file = _reviews(tmp_path / "reviews")
+    sweep = SweepSpec(tasks=[str(task_file)], methods=["bitfit", "full"], seeds=[0],
+                      run={"model": str(tiny_model_dir), "device": "cpu"},
+                      train={"max_steps": 2, "eval_every": 2, "batch_size": 2, "max_length": 32})
+    summary = run_sweep(sweep, tmp_path / "out", jobs=2, progress=False)
+    assert summary["done"] == 2 and summary["failed"] == 0
+    results = sorted((tmp_path / "out").rglob(RESULT_FILE))
+    assert [p.relative_to(tmp_path / "out").parts[0] for p in results] == ["reviews", "reviews"]
+    assert {json.loads(p.read_text())["task"] for p in results} == {"reviews"}
+    assert "reviews" in to_markdown(build_table([json.loads(p.read_text()) for p in results]))
