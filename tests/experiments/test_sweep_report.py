@@ -147,4 +147,4 @@ def test_a_csv_task_file_trains_through_a_parallel_sweep(tiny_model_dir, tmp_pat
     results = sorted((tmp_path / "out").rglob(RESULT_FILE))
     assert [p.relative_to(tmp_path / "out").parts[0] for p in results] == ["reviews", "reviews"]
     assert {json.loads(p.read_text())["task"] for p in results} == {"reviews"}
-    assert "reviews" in to_markdown(build_table([json.loads(p.read_text()) for p in results]))
+    assert "| REVIEWS |" in to_markdown(build_table([json.loads(p.read_text()) for p in results]))
