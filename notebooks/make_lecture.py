@@ -28,7 +28,7 @@ FIGURES = REPO / "figures"
 OUT = HERE / "lecture_figures"
 sys.path.insert(0, str(HERE))
 
-import course  # noqa: E402
+import course
 
 
 def figure2(rows, path: Path, title: str) -> None:

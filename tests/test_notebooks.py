@@ -42,7 +42,7 @@ CELL_TIMEOUT = 600  # seconds per cell; quick mode needs far less
 
 if str(NOTEBOOKS_DIR) not in sys.path:
     sys.path.insert(0, str(NOTEBOOKS_DIR))
-import course  # noqa: E402  (notebooks/course)
+import course
 
 
 def read(path: Path):
@@ -72,7 +72,7 @@ def test_a_tutorial_opens_with_objectives_and_prerequisites(path):
     assert first.cell_type == "markdown"
     assert "**Learning objectives.**" in first.source and "**Prerequisites.**" in first.source
     objectives = first.source.split("**Learning objectives.**")[1].split("**Prerequisites.**")[0]
-    assert len(re.findall(r"^\d\. ", objectives, flags=re.M)) >= 2, "number the objectives"
+    assert len(re.findall(r"^\d\. ", objectives, flags=re.MULTILINE)) >= 2, "number the objectives"
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
@@ -84,7 +84,7 @@ def test_a_tutorial_has_exercises_each_followed_by_its_check(path):
     assert numbers == list(range(1, len(numbers) + 1))
     for i in exercises:
         cell, following = cells[i], cells[i + 1]
-        assert re.search(r"^\w+ = None  # TODO", cell.source, flags=re.M), cell.source
+        assert re.search(r"^\w+ = None  # TODO", cell.source, flags=re.MULTILINE), cell.source
         assert "check" in tags(following) and following.metadata["exercise"] == cell.metadata["exercise"]
         assert f"check_exercise_{cell.metadata['exercise']}(" in following.source
         heading = "".join(c.source for c in cells[max(0, i - 2):i] if c.cell_type == "markdown")
@@ -99,7 +99,7 @@ def test_a_tutorial_sets_data_and_device_in_its_first_cells(path):
     assert DEVICE_LINE in code[1].source
     assert sum(DEVICE_LINE in c.source for c in code) == 1
     rest = "\n".join(c.source for c in code[2:])
-    assert not re.search(r"^DEVICE\s*=", rest, flags=re.M), "the device is chosen in one cell"
+    assert not re.search(r"^DEVICE\s*=", rest, flags=re.MULTILINE), "the device is chosen in one cell"
     for forbidden in ("FileNotFoundError", "shared/data", '"cpu")', "find_shared_data"):
         assert forbidden not in rest, f"{path.name}: {forbidden!r} outside the settings cells"
 
@@ -137,7 +137,7 @@ def test_the_lecture_deck_tells_the_story_in_15_to_20_slides():
 def test_the_readme_has_a_row_per_notebook():
     readme = (NOTEBOOKS_DIR / "README.md").read_text()
     for path in TUTORIALS:
-        assert re.search(rf"^\| `{path.stem}`", readme, flags=re.M), f"no row for {path.stem}"
+        assert re.search(rf"^\| `{path.stem}`", readme, flags=re.MULTILINE), f"no row for {path.stem}"
 
 
 # ---------------------------------------------------------------------------------------- course helpers

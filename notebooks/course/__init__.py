@@ -236,7 +236,7 @@ STYLE = {
 def style() -> None:
     """Figures that project: fonts of at least 12 pt, 120 dpi on screen and 150 in files, a light grid."""
     import matplotlib
-    import matplotlib.pyplot  # noqa: F401  (activates the notebook backend first, then the style wins)
+    import matplotlib.pyplot
 
     matplotlib.rcParams.update(STYLE)
 
@@ -407,7 +407,7 @@ def check_equal(exercise, answer, expected, *, normalize=lambda v: v, what: str 
         return _report(exercise, None)
     try:
         got = normalize(answer)
-    except Exception as err:  # the student's answer has the wrong shape
+    except Exception as err:  # noqa: BLE001 (the answer has the wrong shape: report it, never raise)
         return _report(exercise, False, f"could not read {what} ({type(err).__name__}: {err})")
     if got == normalize(expected):
         return _report(exercise, True)
@@ -425,13 +425,13 @@ def check_function(exercise, fn, cases, *, what: str = "your function", hint: st
     for number, (args, want) in enumerate(cases, 1):
         try:
             got = fn(*args)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             return _report(exercise, False, f"{what} raised {type(err).__name__}: {err} on test case {number}")
         if got is None:
             return _report(exercise, None)
         try:
             same = compare(got, want)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001
             return _report(exercise, False, f"{what} returned {got!r} on test case {number}, which could not "
                            f"be compared ({type(err).__name__}: {err})")
         if not same:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -69,8 +68,9 @@ def assumption_table(at) -> str:
         ("A(S) minimises F_S = L + (1−p)||θ−θ0||²",
          f"||∇F_S(A(S))|| = {at['grad_relaxed']:.3g} vs ||∇L(θ0)|| = {at['grad_start']:.3g}",
          "fails" if "stationary" in failed else "holds (to 10%)"),
-        ("∇²L(A(S)) ⪰ 0 on the mask", f"λmin = {at['lambda_min']:.4g} (residual {at['residual_min']:.2g}, "
-         f"τ = {at['psd_tol']:.2g})", "fails" if "hessian_psd" in failed else "not refuted"),
+        ("∇²L(A(S)) ⪰ 0 on the mask",
+         f"λmin = {at['lambda_min']:.4g} (residual {at['residual_min']:.2g}, τ = {at['psd_tol']:.2g})",
+         "fails" if "hessian_psd" in failed else "not refuted"),
         ("Λmin + 2(1−p) > 0", f"{mu:.4g}", "fails" if "relaxed_strong_convexity" in failed else "holds"),
         ("Λmin of the whole Hessian", f"mask + head: {at['lambda_min_with_head']:.4g} ≤ mask: {at['lambda_min']:.4g}",
          "the mask's value is optimistic (interlacing)"),
