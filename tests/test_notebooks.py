@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -105,11 +106,9 @@ def test_a_tutorial_sets_data_and_device_in_its_first_cells(path):
 
 
 def test_the_solution_notebooks_are_in_sync_and_answered():
-    sys.path.insert(0, str(NOTEBOOKS_DIR / "solutions"))
-    try:
-        import sync
-    finally:
-        sys.path.remove(str(NOTEBOOKS_DIR / "solutions"))
+    spec = importlib.util.spec_from_file_location("solutions_sync", NOTEBOOKS_DIR / "solutions" / "sync.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
     assert sync.sync(check=True) == []
     for path in SOLUTIONS:
         notebook = read(path)
