@@ -20,7 +20,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from scipy import stats
-from sklearn import metrics as skm
 
 
 def _pair(pred, gold) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +39,10 @@ def per_class_f1(pred, gold, labels: Sequence[int]) -> np.ndarray:
     """Binary F1 of each class in ``labels`` (one-vs-rest), shape (len(labels),); 0 for a class with no
     true positives, including one absent from both gold and pred (jiant's CB convention)."""
     pred, gold = _pair(pred, gold)
+    from sklearn import (
+        metrics as skm,  # imported on use: 1.7 s that a CLI call or notebook start need not pay
+    )
+
     return skm.f1_score(gold, pred, labels=list(labels), average=None, zero_division=0).astype(float)
 
 
@@ -57,6 +60,8 @@ def matthews(pred, gold, labels: Sequence[int] = (0, 1)) -> float:
     """Matthews correlation coefficient over ``labels`` (the multiclass R_K of Gorodkin 2004, as sklearn),
     in [-1, 1]; 0 when it is undefined (one class predicted for all, or one class in gold)."""
     pred, gold = _pair(pred, gold)
+    from sklearn import metrics as skm
+
     c = skm.confusion_matrix(gold, pred, labels=list(labels)).astype(float)
     t, p, n = c.sum(axis=1), c.sum(axis=0), c.sum()
     cov_tp = np.trace(c) * n - t @ p

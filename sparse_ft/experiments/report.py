@@ -271,7 +271,7 @@ def plot_projection_discontinuity(result: dict, path: str | Path):
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (log)")
     ax.set_title(f"Projection discontinuity: {result['method']} on {result['task'].upper()} ({result['model']})")
-    ax.legend(fontsize=8)
+    ax.legend()
     _save(fig, path)
     return fig
 
