@@ -47,7 +47,7 @@ def measure(method: str, n: int, data_dir: str, folder: Path, lanczos_steps: int
 
 def from_runs(root: Path) -> list[dict]:
     rows = []
-    for path in sorted(root.rglob(ANALYSIS_FILE)):
+    for path in sorted(root.rglob(ANALYSIS_FILE)):  # the subspace analyses
         record, result = json.loads(path.read_text()), json.loads((path.parent / RESULT_FILE).read_text())
         rows.append({"method": f"{record['method']}@{record['sparsity']:.4g}", "steps": result["steps"],
                      "stop": result.get("stop"), "dim": record["dim"], "hvps": record["hvps"],

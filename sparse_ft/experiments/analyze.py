@@ -16,7 +16,8 @@ on the run's own training set S (all n examples unless ``examples`` limits the H
 * Theorems 1 and 2 (:mod:`theory.bounds`) with both assumption verdicts; Theorem 2's C is the largest
   per-example loss measured (cross-entropy is unbounded; the theorem needs a loss in [0, C]).
 
-Every number is written to ``RUN_DIR/analysis.json`` with the point ("A(S)") and space it belongs to.
+Every number is written to ``RUN_DIR/analysis.json`` (``analysis.full.json`` for the full space) with the point
+("A(S)") and space it belongs to.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ..models import build_task_model, example_losses
 from ..tasks import get_task
 from ..train import to_device
 from .measure import mean_loss, training_batches, tunable_coordinates
-from .results import ANALYSIS_FILE, MODEL_FILE, RESULT_FILE, write_json_atomic
+from .results import MODEL_FILE, RESULT_FILE, analysis_file, write_json_atomic
 from .run import quiet_libraries
 from .saved import prepare_saved_run
 from .sweep import run_calls
@@ -152,7 +153,7 @@ def analyze_run(run_dir: str | Path, settings: AnalyzeSettings, log=lambda msg: 
         "training_stop": result.get("stop"), "evaluation_draw": draw,
         "seconds": time.perf_counter() - start, "train_seconds": result.get("train_seconds"),
     }
-    write_json_atomic(Path(run_dir) / ANALYSIS_FILE, record)
+    write_json_atomic(Path(run_dir) / analysis_file(settings.space), record)
     return record
 
 
@@ -189,7 +190,7 @@ def analyze_runs(paths: list[str | Path], settings: AnalyzeSettings, jobs: int =
 
     settings.validate()
     runs = find_runs(paths)
-    todo = [r for r in runs if redo or not (r / ANALYSIS_FILE).is_file()]
+    todo = [r for r in runs if redo or not (r / analysis_file(settings.space)).is_file()]
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     bar = tqdm(total=len(todo), desc=f"analyze at A(S) ({len(runs) - len(todo)} already done)", unit="run",
                disable=not progress)

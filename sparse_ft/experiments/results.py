@@ -17,7 +17,7 @@ from pathlib import Path
 
 RESULT_FILE = "result.json"
 MODEL_FILE = "model.safetensors"
-ANALYSIS_FILE = "analysis.json"
+ANALYSIS_FILE = "analysis.json"  # the tunable subspace's; the full space's is analysis_file("full")
 ERROR_FILE = "error.json"
 
 
@@ -58,10 +58,15 @@ def load_results(root: str | Path) -> tuple[list[dict], list[str]]:
     return results, problems
 
 
+def analysis_file(space: str) -> str:
+    """``analysis.json`` for the tunable subspace, ``analysis.full.json`` for the full space: a run keeps both."""
+    return ANALYSIS_FILE if space == "subspace" else f"analysis.{space}.json"
+
+
 def load_analyses(root: str | Path) -> list[dict]:
-    """Every readable analysis.json under ``root`` (``sparse-ft analyze``), each with its ``_path``."""
+    """Every readable analysis file under ``root`` (``sparse-ft analyze``, any space), each with its ``_path``."""
     analyses = []
-    for path in sorted(Path(root).rglob(ANALYSIS_FILE)):
+    for path in sorted(Path(root).rglob("analysis*.json")):
         try:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:

@@ -47,6 +47,7 @@ def test_analysis_at_A_of_S_in_both_spaces(tiny_model_dir, data_dir, tmp_path):
     assert math.isclose(saved["generalization_gap"], saved["test_risk"] - saved["train_risk"])
     assert saved["lambda_min"] <= saved["lambda_max"]
     full = analyze_run(folder, AnalyzeSettings(lanczos_steps=12, space="full", device="cpu"))
+    assert (folder / "analysis.full.json").is_file() and json.loads(text)["space"] == "subspace"  # both kept
     assert full["dim"] == result["sparsity_report"]["backbone_params"]
     # Cauchy interlacing: the subspace's extremes lie inside the full Hessian's (up to Lanczos' own bracket)
     assert full["lambda_max"] >= sub["lambda_max"] - sub["residual_max"]

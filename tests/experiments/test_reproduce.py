@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -7,8 +8,17 @@ from sparse_ft.experiments.reproduce import PLANS, estimated_cost, reproduce
 from sparse_ft.experiments.results import load_analyses
 
 
+@pytest.fixture
+def small_quick_plan(monkeypatch):
+    """The quick preset in this process (no worker start-ups) with a shorter converged protocol."""
+    plan = dataclasses.replace(PLANS["quick"], jobs=1,
+                               converge={"n": 8, "max_steps": 20, "retrains": 2, "lanczos_steps": 8})
+    monkeypatch.setitem(PLANS, "quick", plan)
+    return plan
+
+
 @pytest.mark.integration
-def test_quick_reproduction_on_a_tiny_model(tiny_model_dir, data_dir, tmp_path):
+def test_quick_reproduction_on_a_tiny_model(tiny_model_dir, data_dir, tmp_path, small_quick_plan):
     paper = data_dir.parent / "paper_table1.csv"
     messages = []
     index = reproduce("quick", tmp_path, data_dir=str(data_dir), paper_csv=paper if paper.exists() else None,
@@ -23,7 +33,7 @@ def test_quick_reproduction_on_a_tiny_model(tiny_model_dir, data_dir, tmp_path):
     raw = (tmp_path / "figure3.json").read_text()
     assert "Infinity" not in raw and "NaN" not in raw  # strict JSON: a vacuous bound is null
     points = json.loads(raw)["points"]
-    plan = PLANS["quick"]
+    plan = small_quick_plan
     assert [p["sparsity"] for p in points] == plan.figure3_sparsities
     analyses = load_analyses(tmp_path / "runs" / "theory")
     assert len(analyses) == len(plan.figure3_sparsities) * len(plan.seeds)
