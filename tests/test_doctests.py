@@ -7,6 +7,7 @@ prompts, so ``>>>`` always means "this runs"."""
 import doctest
 import importlib
 import pkgutil
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +21,8 @@ def modules_with_examples() -> list[str]:
     names = []
     for package in (sparse_ft, theory):
         for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
-            module = importlib.import_module(info.name)
-            if ">>>" in (getattr(module, "__file__", None) and open(module.__file__).read() or ""):
+            source = Path(importlib.import_module(info.name).__file__).read_text()
+            if ">>>" in source:
                 names.append(info.name)
     return names
 

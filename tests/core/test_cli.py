@@ -84,7 +84,9 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
                            "--data-dir", str(tmp_path / "missing"), "--output", str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"sparse-ft: error: data folder '{tmp_path / 'missing'}' does not exist"
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith(f"sparse-ft: error: data folder '{tmp_path / 'missing'}' does not exist; run `sparse-ft fetch-data")
 
 
 def test_tasks_and_methods_listings(capsys):

@@ -57,12 +57,12 @@ def test_select_refuses_a_method_without_a_mask(tmp_path, capsys):
 @pytest.mark.integration
 def test_cli_select_then_train_with_mask_on_minilm(data_dir, tmp_path, capsys):
     mask = str(tmp_path / "masks" / "magnitude.safetensors")
-    common = ["--task", "cb", "--data-dir", str(data_dir), "--train-limit", "16", "--eval-limit", "8"]
+    common = ["--task", "cb", "--data-dir", str(data_dir), "--train-limit", "16"]
     assert main(["select", "--method", "magnitude", "--sparsity", "0.005", "--output", mask, *common]) == 0
     selected = capsys.readouterr().out
     assert "magnitude: trainable" in selected and "budget" in selected
     out = tmp_path / "run"
-    assert main(["train", "--method", "magnitude", "--mask", mask, "--max-steps", "2", "--quiet",
+    assert main(["train", "--method", "magnitude", "--mask", mask, "--max-steps", "2", "--quiet", "--eval-limit", "8",
                  "--output", str(out), *common]) == 0
     report = json.loads((out / "result.json").read_text())["sparsity_report"]
     with safe_open(mask, framework="pt") as handle:
