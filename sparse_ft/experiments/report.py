@@ -211,7 +211,7 @@ def plot_analysis(analyses: list[dict], output: str | Path) -> None:
     ax.set_xlabel("measured test risk R at A(S) (mean cross-entropy)")
     ax.set_ylabel("Theorem 2 bound on R (δ = 0.05)")
     ax.set_title(f"Theorem 2 against the measured risk ({len(analyses) - vacuous} runs; {vacuous} vacuous, not drawn)")
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")
     _save(fig, output / "analysis_theorem2.png")
 
     fig, ax = _figure(6.4, 4.8)
