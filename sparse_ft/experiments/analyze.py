@@ -106,7 +106,7 @@ def measure_point(model, names: list[str], batches: list[dict], hessian_batches:
         op = HessianOperator(model, mean_loss, hessian_batches, params=names, cache_graph=True)
         extremes = extreme_eigenvalues(op, min(settings.lanczos_steps, op.dim), starts=settings.starts, seed=seed)
         op.clear_cache()
-        grad_norm = float(HessianOperator(model, mean_loss, batches, params=names).gradient().norm())
+        grad_norm = float(op.gradient(batches).norm())  # over all n examples, not only the Hessian's
         rho = per_sample_grad_norms(model, mean_loss, batches, params=names, method="auto").rho
     return {"dim": op.dim, "extremes": extremes, "grad_norm": grad_norm, "rho": rho}
 

@@ -166,7 +166,8 @@ def write_report(results_dir: str | Path, output: str | Path, paper_csv: str | P
     return lines
 
 
-def _num(value, fmt: str = ".3g") -> str:
+def format_or_dash(value, fmt: str = ".3g") -> str:
+    """``value`` formatted, or "–" for a missing (None) number."""
     return "–" if value is None else format(value, fmt)
 
 
@@ -183,7 +184,7 @@ def analysis_markdown(analyses: list[dict]) -> str:
             f"| {a['task']} | {a['method']} | {a['sparsity']:.4g} | {a['seed']} | {a['point']}, {a['space']} "
             f"({a['dim']:,}) | {a['lambda_min']:.3g} ({a['residual_min']:.1g}) | {a['lambda_max']:.3g} | "
             f"{a['grad_norm']:.2g} | {a['rho']:.3g} | {a['n_train']} | {a['train_risk']:.3g} | {a['test_risk']:.3g} | "
-            f"{a['generalization_gap']:.3g} | {_num(t1['value'])} ({_num(t1['formula_value'])}) | {_num(t2['value'])} | "
+            f"{a['generalization_gap']:.3g} | {format_or_dash(t1['value'])} ({format_or_dash(t1['formula_value'])}) | {format_or_dash(t2['value'])} | "
             f"{verdict} |")
     lines += ["", ("All at A(S), the saved tuned model; risks are mean cross-entropy per example (R̂ on the n training "
               "examples, R on the test split); ρ̂ is the largest per-example gradient norm over θ0 and A(S); Theorem 2 "

@@ -31,6 +31,7 @@ from .measure import loo_stability
 from .report import (
     build_table,
     comparison_markdown,
+    format_or_dash,
     load_paper_table,
     plot_analysis,
     plot_projection_discontinuity,
@@ -290,10 +291,6 @@ def _figure2(table, output: Path, paper_csv) -> dict:
     return stats
 
 
-def _num(value, fmt: str = ".3g") -> str:
-    return "–" if value is None else format(value, fmt)
-
-
 def _write_index(output: Path, preset_name: str, plan: Plan, table, comparison: str, figure2: dict,
                  points: list[dict], problems: list[str], timings: dict) -> None:
     lines = [f"# sparse-ft reproduce --preset {preset_name}", "",
@@ -333,11 +330,11 @@ def _write_index(output: Path, preset_name: str, plan: Plan, table, comparison: 
         eps = "not measured" if pt.get("stability") is None else f"{pt['stability']:.3g} ({ci[0]:.2g}..{ci[1]:.2g})"
         score = "–" if pt["mean"] is None else f"{pt['mean']:.2f} ± {pt['std']:.2f} ({pt['seeds']})"
         t1 = "vacuous" if pt["theorem1"] is None else f"{pt['theorem1']:.3g}"
-        t1 += f" ({_num(pt['theorem1_formula'])})"
+        t1 += f" ({format_or_dash(pt['theorem1_formula'])})"
         t2 = "vacuous" if pt["theorem2"] is None else f"{pt['theorem2']:.3g}"
-        lines.append(f"| {pt['sparsity']:g} | {score} | {_num(pt['dim'], ',.0f')} | {_num(pt['lambda_min'])} | "
-                     f"{_num(pt['lambda_max'])} | {_num(pt['grad_norm'], '.2g')} | {_num(pt['rho'])} | "
-                     f"{_num(pt['n_train'], '.0f')} | {_num(pt['train_risk'])} | {_num(pt['test_risk'])} | {t1} | {t2} | "
+        lines.append(f"| {pt['sparsity']:g} | {score} | {format_or_dash(pt['dim'], ',.0f')} | {format_or_dash(pt['lambda_min'])} | "
+                     f"{format_or_dash(pt['lambda_max'])} | {format_or_dash(pt['grad_norm'], '.2g')} | {format_or_dash(pt['rho'])} | "
+                     f"{format_or_dash(pt['n_train'], '.0f')} | {format_or_dash(pt['train_risk'])} | {format_or_dash(pt['test_risk'])} | {t1} | {t2} | "
                      f"{eps} |")
     failed = sorted({f for pt in points for f in pt["failed_assumptions"]})
     lines += ["", "Theorem 1 is 2ρ̂²/((λmin + 2(1−p))·n); its value is given where the relaxed objective is strongly "
