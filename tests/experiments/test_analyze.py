@@ -7,6 +7,7 @@ import pytest
 
 from sparse_ft.cli import main
 from sparse_ft.experiments.analyze import AnalyzeSettings, analyze_run, analyze_runs
+from sparse_ft.experiments.report import analysis_summary_markdown, write_report
 from sparse_ft.experiments.results import ANALYSIS_FILE, MODEL_FILE
 from sparse_ft.experiments.run import RunSpec, execute
 
@@ -64,6 +65,9 @@ def test_sweep_analysis_skips_done_runs_and_goes_past_bad_ones(tiny_model_dir, d
     assert summary["done"] == 1 and len(summary["failed"]) == 1 and "no model.safetensors" in summary["failed"][0]
     again = analyze_runs([root], settings, progress=False)
     assert again["skipped"] == 1 and again["done"] == 0
+    write_report(root, tmp_path / "report")
+    report = (tmp_path / "report" / "analysis.md").read_text()
+    assert "## By configuration" in report and "| cb | bitfit |" in report and "subspace" in report
     assert main(["analyze", str(tmp_path / "nothing-here")]) == 2
     assert "no such folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
@@ -71,3 +75,26 @@ def test_sweep_analysis_skips_done_runs_and_goes_past_bad_ones(tiny_model_dir, d
     assert "no finished runs" in capsys.readouterr().err
     with pytest.raises(Exception, match="space"):
         AnalyzeSettings(space="diagonal").validate()
+
+
+def _analysis(run: str, lambda_min: float, theorem1: float | None, score: float) -> tuple[dict, dict]:
+    """A synthetic analysis record and its run's result, as ``load_analyses`` / ``load_results`` return them."""
+    verdict = {"value": theorem1, "vacuous": theorem1 is None, "relaxed_curvature": lambda_min + 2 * (1 - 0.005)}
+    analysis = {"task": "cb", "method": "sam", "sparsity": 0.005, "space": "subspace", "dim": 100,
+                "training_stop": "converged", "lambda_min": lambda_min, "lambda_max": 1.0, "grad_norm": 0.01,
+                "rho_points": {"A(S)": 0.1, "theta0": 3.0}, "train_risk": 0.001, "test_risk": 1.5,
+                "theorem1": verdict, "theorem2": {**verdict, "value": None if theorem1 is None else 10.0},
+                "_path": f"/runs/{run}/analysis.json"}
+    return analysis, {"score": {"test": score}, "_path": f"/runs/{run}/result.json"}
+
+
+def test_summary_averages_seeds_and_counts_vacuous_bounds():
+    pairs = [_analysis("seed0", -0.01, 0.2, 60.0), _analysis("seed1", -0.03, 0.4, 58.0),
+             _analysis("seed2", -5.0, None, 59.0)]
+    table = analysis_summary_markdown([a for a, _ in pairs], [r for _, r in pairs])
+    row = next(line for line in table.splitlines() if line.startswith("| cb | sam |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "3" and cells[5] == "converged 3"
+    assert cells[12] == "0.3 ± 0.141 (vacuous 1/3)"  # the vacuous seed is counted, not averaged
+    assert cells[11] == format(-5.0 + 2 * 0.995, ".3g")  # the smallest relaxed curvature over the seeds
+    assert cells[16] == "59.00 ± 1.00"

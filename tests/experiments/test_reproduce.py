@@ -4,7 +4,7 @@ import json
 import pytest
 
 from sparse_ft.errors import UserError
-from sparse_ft.experiments.reproduce import PLANS, estimated_cost, reproduce
+from sparse_ft.experiments.reproduce import PLANS, STAGES, StageLog, estimated_cost, reproduce
 from sparse_ft.experiments.results import load_analyses
 
 
@@ -60,3 +60,18 @@ def test_paper_preset_states_its_cost():
     text = estimated_cost(PLANS["paper"])
     assert "700 runs" in text or "runs of up to 50000 steps" in text
     assert "GPU-hours" in text
+
+
+def test_stage_log_counts_down_the_measured_stage_times():
+    messages = []
+    log = StageLog(messages.append, len(STAGES), expected=(600.0, 120.0, 1200.0, 60.0))
+    for name in STAGES:
+        log.begin(name, "detail")
+    assert [m.split(":")[0] for m in messages] == ["stage 1/4", "stage 2/4", "stage 3/4", "stage 4/4"]
+    assert "about 33 min left" in messages[0] and "about 1 min left" in messages[3]
+
+
+def test_stage_log_without_a_measured_time_gives_no_eta():
+    messages = []
+    StageLog(messages.append, 2, expected=None).begin("Table 1", "detail")
+    assert messages == ["stage 1/2: Table 1: detail"]
