@@ -4,13 +4,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import UserError
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Help that shows an option's default where it has one (not None, not a switch's False) and its help
+    does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _DefaultsHelp)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -306,6 +324,7 @@ def cmd_reproduce(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sparse-ft", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="fine-tune one model on one task with one method")
@@ -460,6 +479,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("sparse-ft: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed the pipe (`sparse-ft tasks | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit-time flush cannot fail
+        return 141
     return 0
 
 

@@ -56,8 +56,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
 def _fetch_hint(names: Iterable[str], folder: str | None) -> str:
     target = folder or "DIR"
     listed = " ".join(names)
-    return (f"run `sparse-ft fetch-data {listed + ' ' if listed else ''}--output {target}` "
-            f"(needs the Hugging Face hub), then pass --data-dir {target} or set ${DATA_ENV}={target}")
+    return (f"point --data-dir or ${DATA_ENV} at a folder that has <task>/{{train,val,test}}.jsonl, or, where the "
+            f"Hugging Face hub is reachable, run `sparse-ft fetch-data {listed + ' ' if listed else ''}--output "
+            f"{target}` and then pass --data-dir {target}")
 
 
 def _offline() -> bool:
@@ -253,7 +254,7 @@ def read_jsonl(path: Path, task: TaskSpec) -> list[dict]:
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"{where}: malformed JSON ({exc.msg})") from None
+                raise UserError(f"{where}: malformed JSON ({exc.msg} column {exc.colno})") from None
             if not isinstance(example, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(example).__name__}")
             examples.append(check_example(task, example, where))

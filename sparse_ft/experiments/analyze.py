@@ -100,19 +100,27 @@ def per_example_losses(model, batches) -> torch.Tensor:
 
 
 def measure_point(model, names: list[str], batches: list[dict], hessian_batches: list[dict],
-                  settings: AnalyzeSettings, seed: int) -> dict:
-    """Spectrum, gradient norm and ρ̂ of one model on ``names`` (already in eval mode)."""
+                  settings: AnalyzeSettings, seed: int, progress: bool = False) -> dict:
+    """Spectrum, gradient norm and ρ̂ of one model on ``names`` (already in eval mode); ``progress`` shows a
+    bar over the Hessian-vector products, the bulk of the cost."""
+    from tqdm.auto import tqdm
+
     with eager_attention(getattr(model, "model", model)):
         op = HessianOperator(model, mean_loss, hessian_batches, params=names, cache_graph=True)
-        extremes = extreme_eigenvalues(op, min(settings.lanczos_steps, op.dim), starts=settings.starts, seed=seed)
+        steps = min(settings.lanczos_steps, op.dim)
+        with tqdm(total=steps * settings.starts, unit="HVP", leave=False, disable=not progress,
+                  desc=f"Lanczos at A(S): {settings.starts} starts x {steps} steps, dim {op.dim:,}") as bar:
+            extremes = extreme_eigenvalues(op, steps, starts=settings.starts, seed=seed,
+                                           callback=lambda step: bar.update())
         op.clear_cache()
         grad_norm = float(op.gradient(batches).norm())  # over all n examples, not only the Hessian's
         rho = per_sample_grad_norms(model, mean_loss, batches, params=names, method="auto").rho
     return {"dim": op.dim, "extremes": extremes, "grad_norm": grad_norm, "rho": rho}
 
 
-def analyze_run(run_dir: str | Path, settings: AnalyzeSettings, log=lambda msg: None) -> dict:
-    """Measure one saved run at A(S) and write ``run_dir/analysis.json``; returns the record."""
+def analyze_run(run_dir: str | Path, settings: AnalyzeSettings, log=lambda msg: None, progress: bool = False) -> dict:
+    """Measure one saved run at A(S) and write ``run_dir/analysis.json``; returns the record. ``progress``
+    shows a bar over the Lanczos products."""
     start = time.perf_counter()
     run, tuned, result = prepare_saved_run(run_dir, device=settings.device)
     seed = run.spec.seeds()["mask"]
@@ -125,7 +133,7 @@ def analyze_run(run_dir: str | Path, settings: AnalyzeSettings, log=lambda msg: 
         tuned.eval()
         model, names = space_of(tuned, settings.space)
         log(f"{run_dir}: Lanczos on {settings.space} ({sum(1 for _ in names)} tensors) at A(S)")
-        at_s = measure_point(model, names, batches, hessian_batches, settings, seed)
+        at_s = measure_point(model, names, batches, hessian_batches, settings, seed, progress)
         train_losses, test_losses = per_example_losses(tuned, batches), per_example_losses(tuned, test)
     at_0 = rho_at_theta0(run_dir, run, settings, batches)
     rho = max(at_s["rho"], at_0)
@@ -170,13 +178,14 @@ def rho_at_theta0(run_dir, run, settings: AnalyzeSettings, batches: list[dict]) 
             return per_sample_grad_norms(model, mean_loss, batches, params=names, method="auto").rho
 
 
-def _analyze_into(run_dir: str, settings: AnalyzeSettings, threads: int | None = None) -> dict:
-    """Analyse one run in a worker; a failure is recorded in the status, not raised (a sweep goes on)."""
+def _analyze_into(run_dir: str, settings: AnalyzeSettings, threads: int | None = None, progress: bool = False) -> dict:
+    """Analyse one run (in a worker, or in this process with ``progress``: a bar over its Lanczos products); a
+    failure is recorded in the status, not raised (a sweep goes on)."""
     if threads:
         torch.set_num_threads(threads)
     quiet_libraries()
     try:
-        record = analyze_run(run_dir, settings)
+        record = analyze_run(run_dir, settings, progress=progress)
     except Exception as exc:  # noqa: BLE001 - a bad run is reported, the others are analysed
         return {"run": run_dir, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"run": run_dir, "ok": True, "seconds": record["seconds"]}
@@ -194,7 +203,8 @@ def analyze_runs(paths: list[str | Path], settings: AnalyzeSettings, jobs: int =
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     bar = tqdm(total=len(todo), desc=f"analyze at A(S) ({len(runs) - len(todo)} already done)", unit="run",
                disable=not progress)
-    statuses = run_calls(_analyze_into, [(str(r), settings, threads if jobs > 1 else None) for r in todo], jobs, bar)
+    inner = progress and jobs == 1  # workers' bars would interleave
+    statuses = run_calls(_analyze_into, [(str(r), settings, threads if jobs > 1 else None, inner) for r in todo], jobs, bar)
     bar.close()
     failed = [s for s in statuses if not s["ok"]]
     return {"runs": len(runs), "skipped": len(runs) - len(todo), "done": len(statuses) - len(failed),

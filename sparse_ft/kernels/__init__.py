@@ -86,7 +86,9 @@ def load_sddmm():
     try:
         folder = build_directory()
         if not (folder / f"{NAME}{LIB_EXT}").is_file():
-            print("sparse-ft: building the CPU kernel (once per environment) ...", file=sys.stderr, flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write("sparse-ft: building the CPU kernel (once per environment) ...", file=sys.stderr)  # above any bar
         folder.mkdir(parents=True, exist_ok=True)
         return load(name=NAME, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                     build_directory=str(folder), verbose=False)

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import sparse_ft
 from sparse_ft.cli import main
 from sparse_ft.experiments.results import RESULT_FILE
 
@@ -43,6 +44,8 @@ def _one_line_error(capsys, code, pattern):
 @pytest.mark.parametrize("extra,pattern", [
     (["--sparsity", "1.5"], "sparsity must be in (0.0, 1.0], got 1.5"),
     (["--sparsity", "0"], "sparsity must be in (0.0, 1.0]"),
+    (["--sparsity", "nan"], "sparsity must be in (0.0, 1.0], got nan"),
+    (["--lr", "nan"], "lr must be in (0.0, inf], got nan"),
     (["--max-steps", "0"], "max_steps must be in [1, inf], got 0"),
 ])
 def test_bad_parameters_give_one_line(extra, pattern, tiny_model_dir, data_dir, tmp_path, capsys):
@@ -86,7 +89,8 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line
-    assert line.startswith(f"sparse-ft: error: data folder '{tmp_path / 'missing'}' does not exist; run `sparse-ft fetch-data")
+    assert line.startswith(f"sparse-ft: error: data folder '{tmp_path / 'missing'}' does not exist; point --data-dir")
+    assert "sparse-ft fetch-data" in line
 
 
 def test_tasks_and_methods_listings(capsys):
@@ -169,3 +173,18 @@ def test_spectrum_default_is_certified_on_a_small_subspace(tiny_model_dir, data_
     m = json.loads(out.read_text())
     assert m["converged"] and m["starts_agree"] and m["point"] == "theta0"
     assert "certified" in capsys.readouterr().out
+
+
+def test_a_local_model_folder_that_does_not_exist_is_named(tiny_model_dir, data_dir, tmp_path, capsys):
+    args = _train_args("cb", tiny_model_dir, data_dir, tmp_path)
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-model")
+    _one_line_error(capsys, main(args), f"model folder '{tmp_path / 'no-such-model'}' does not exist")
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"sparse-ft {sparse_ft.__version__}"
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    assert "(default: 30)" in capsys.readouterr().out  # --lanczos-steps: what a run costs is predictable

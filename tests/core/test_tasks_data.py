@@ -30,7 +30,7 @@ def _write(path, lines):
 def test_malformed_line_names_file_and_line(tmp_path):
     good = json.dumps({"text": "a", "label": "1"})
     _write(tmp_path / "cola" / "train.jsonl", [good, "{not json"])
-    with pytest.raises(UserError, match=r"train\.jsonl:2: malformed JSON"):
+    with pytest.raises(UserError, match=r"train\.jsonl:2: malformed JSON \(Expecting property name .* column 2\)"):
         data_mod.read_jsonl(tmp_path / "cola" / "train.jsonl", get_task("cola"))
 
 
@@ -48,7 +48,7 @@ def test_missing_folder_and_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         data_mod.load_splits(get_task("cb"), tmp_path / "nowhere")
     _write(tmp_path / "cb" / "train.jsonl", [json.dumps({"premise": "a", "hypothesis": "b", "label": "neutral"})])
-    with pytest.raises(UserError, match=r"missing task data: .*cb/\{val,test\}\.jsonl; run `sparse-ft fetch-data cb"):
+    with pytest.raises(UserError, match=r"missing task data: .*cb/\{val,test\}\.jsonl; point --data-dir .* `sparse-ft fetch-data cb"):
         data_mod.load_splits(get_task("cb"), tmp_path)
 
 
@@ -177,17 +177,18 @@ def test_require_task_data_lists_every_missing_file_and_what_to_run(tmp_path, mo
     with pytest.raises(UserError) as info:
         data_mod.require_task_data(["cb", "rte"], tmp_path / "nowhere")
     message = str(info.value)
-    assert message == (f"data folder '{tmp_path / 'nowhere'}' does not exist; run `sparse-ft fetch-data cb rte "
-                       f"--output {tmp_path / 'nowhere'}` (needs the Hugging Face hub), then pass --data-dir "
-                       f"{tmp_path / 'nowhere'} or set $SPARSE_FT_DATA={tmp_path / 'nowhere'}")
+    assert message == (f"data folder '{tmp_path / 'nowhere'}' does not exist; point --data-dir or $SPARSE_FT_DATA "
+                       f"at a folder that has <task>/{{train,val,test}}.jsonl, or, where the Hugging Face hub is "
+                       f"reachable, run `sparse-ft fetch-data cb rte --output {tmp_path / 'nowhere'}` and then pass "
+                       f"--data-dir {tmp_path / 'nowhere'}")
     _write(tmp_path / "cb" / "train.jsonl", [json.dumps({"premise": "a", "hypothesis": "b", "label": "neutral"})])
     monkeypatch.setenv(data_mod.DATA_ENV, str(tmp_path))  # $SPARSE_FT_DATA when no --data-dir
     with pytest.raises(UserError) as info:
         data_mod.require_task_data(["cb", "rte"])
     message = str(info.value)
     assert message.startswith(f"missing task data: {tmp_path}/cb/{{val,test}}.jsonl, "
-                              f"{tmp_path}/rte/{{train,val,test}}.jsonl; run `sparse-ft fetch-data cb rte")
-    assert "\n" not in message and f"--data-dir {tmp_path} or set $SPARSE_FT_DATA" in message
+                              f"{tmp_path}/rte/{{train,val,test}}.jsonl; point --data-dir or $SPARSE_FT_DATA")
+    assert "\n" not in message and f"`sparse-ft fetch-data cb rte --output {tmp_path}`" in message
 
 
 def _no_hub_call(*args, **kwargs):
@@ -210,7 +211,7 @@ def test_without_data_and_hub_one_line_in_seconds_before_any_loading(monkeypatch
     message = str(info.value)
     assert message.startswith("no data for cb: no --data-dir or $SPARSE_FT_DATA given, and the Hugging Face hub "
                               "(http://127.0.0.1:9) is unreachable")
-    assert "run `sparse-ft fetch-data cb --output DIR`" in message and "--data-dir DIR" in message
+    assert "run `sparse-ft fetch-data cb --output DIR`" in message and "pass --data-dir DIR" in message
     assert "\n" not in message
 
 

@@ -118,7 +118,7 @@ def test_table_means_stds_ranks_and_avg():
     assert table.ranks("cb") == {"sam": 1, "full": 2, "lora": 3, "bitfit": 4}
     assert table.mean_std("sam", "avg") == pytest.approx((80.0, 0.0))
     md = to_markdown(table)
-    assert "80.00 ± 0.00 [1]" in md and "40.00 ± 0.00 |" in md  # the fourth carries no rank
+    assert "80.00 ± 0.00 [1]" in md and "| bitfit | 40.00 | 40.00 |" in md  # one seed: no std; 4th: no rank
 
 
 def test_report_skips_and_reports_corrupt_results(tmp_path):

@@ -198,3 +198,9 @@ def test_extreme_eigenvalues_of_a_hessian_match_dense_eigh(mlp, mlp_batches):
     assert abs(ext.lambda_max - ev[-1]) <= 1e-8 * abs(ev).max() and ext.agree
     assert abs(ext.lambda_min - ev[0]) <= 1e-8 * abs(ev).max()
     assert ext.floor == pytest.approx(100 * np.finfo(np.float64).eps * abs(ev).max(), rel=1e-6)
+
+
+def test_callback_ticks_once_per_product_of_every_start():
+    steps = []
+    result = extreme_eigenvalues(matrix_with_spectrum(spectrum(60)), num_steps=12, starts=3, callback=steps.append)
+    assert steps == list(range(12)) * 3 and result.num_matvecs == 36
