@@ -164,11 +164,14 @@ def cmd_select(args) -> None:
 
 def cmd_tasks(args) -> None:
     from .data import describe_data_source
-    from .tasks import TASKS
+    from .tasks import PAPER_TASKS, TASKS
 
+    print(f"The paper's seven tasks ({', '.join(PAPER_TASKS)}) and, marked 'extra', GLUE tasks it does not use:")
     for task in TASKS.values():
         labels = "float" if task.labels is None else "/".join(map(str, task.labels))
-        print(f"{task.name:6s} {task.kind:16s} metric={task.metric:22s} fields={','.join(task.fields)} labels={labels}")
+        extra = "" if task.name in PAPER_TASKS else "  (extra)"
+        print(f"{task.name:6s} {task.kind:16s} metric={task.metric:22s} fields={','.join(task.fields)} "
+              f"labels={labels}{extra}")
         print(f"{'':6s} data: {describe_data_source(task, args.data_dir)}")
 
 

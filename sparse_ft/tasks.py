@@ -125,6 +125,9 @@ class TaskSpec:
 _PAIR = {"sentence1": "text_a", "sentence2": "text_b"}
 _NLI = {"sentence1": "premise", "sentence2": "hypothesis"}
 
+# The seven tasks of the paper's Table 1, in its column order; the registry also knows sst and wnli (GLUE).
+PAPER_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
+
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in [

@@ -25,6 +25,7 @@ from theory.ranks import analyze_ranks, plot_ranks
 from theory.stability import seed_variance_stability
 
 from ..errors import UserError
+from ..tasks import PAPER_TASKS
 from ..train import preset
 from .analyze import AnalyzeSettings, analyze_runs
 from .measure import loo_stability
@@ -46,7 +47,6 @@ from .sweep import SweepSpec, run_sweep
 
 ALL_METHODS = ["full", "random", "mixout", "bitfit", "magnitude", "adapter", "lora", "diffpruning",
                "childpruning", "sam"]
-PAPER_TASKS = ["cola", "stsb", "mrpc", "rte", "cb", "copa", "wsc"]
 # Eager roberta-base step on an H200 at batch 16 x 128 with bf16 (the issue tracker's measurement of
 # the authors' masked-gradient code, 42.6 ms); used only for the paper preset's cost estimate.
 PAPER_STEP_SECONDS = 0.0426

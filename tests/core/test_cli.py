@@ -95,7 +95,9 @@ def test_subprocess_exit_code_and_no_traceback(tmp_path):
 
 def test_tasks_and_methods_listings(capsys):
     assert main(["tasks"]) == 0
-    assert "copa" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("The paper's seven tasks (cola, stsb, mrpc, rte, cb, copa, wsc)")
+    assert [line.split()[0] for line in lines if line.endswith("(extra)")] == ["sst", "wnli"]
     assert main(["methods"]) == 0
     assert "full" in capsys.readouterr().out
 
