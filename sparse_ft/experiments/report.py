@@ -249,46 +249,64 @@ def analysis_summary_markdown(analyses: list[dict], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SPACE_NAMES = {"subspace": "tunable subspace", "full": "full space"}
+GRAD_MARKERS = {"subspace": "x", "full": "+"}
+
+
 def plot_analysis(analyses: list[dict], output: str | Path) -> None:
-    """Two figures from analysed runs: Theorem 2's bound against the measured test risk, run by run
-    (``analysis_theorem2.png``), and λmin and ‖∇L̂‖ at A(S) against p (``analysis_curvature.png``)."""
+    """Two figures from analysed runs: Theorem 2's bound against the measured test risk, analysis by
+    analysis (``analysis_theorem2.png``), and λmin and ‖∇L̂‖ at A(S) against p (``analysis_curvature.png``).
+    Colour = method; a filled marker is the tunable subspace, a hollow one the full space."""
+    from matplotlib.lines import Line2D
+
     output = Path(output)
     methods = sorted({a["method"] for a in analyses})
     colors = {m: f"C{i}" for i, m in enumerate(methods)}
-    fig, ax = _figure(6.4, 4.8)
-    for a in analyses:
-        bound = a["theorem2"]["value"]
-        ax.scatter(a["test_risk"], bound if bound is not None else np.nan, color=colors[a["method"]], s=36)
-    finite = [a["theorem2"]["value"] for a in analyses if a["theorem2"]["value"] is not None]
-    top = max([a["test_risk"] for a in analyses] + finite)
-    ax.plot([0, top], [0, top], color="grey", ls=":", label="bound = measured risk")
-    for m in methods:
-        ax.scatter([], [], color=colors[m], label=m)
-    vacuous = sum(a["theorem2"]["value"] is None for a in analyses)
+    spaces = sorted({a["space"] for a in analyses}, reverse=True)  # subspace first
+    method_handles = [Line2D([], [], ls="", marker="o", color=colors[m], label=m) for m in methods]
+
+    def style(a: dict, marker: str = "o") -> dict:
+        color = colors[a["method"]]
+        if marker in "x+":  # line markers have no face to leave hollow
+            return {"marker": marker, "s": 40, "color": color}
+        return {"marker": marker, "s": 40, "edgecolors": color,
+                "facecolors": color if a["space"] == "subspace" else "none"}
+
+    def space_handles(what: str) -> list:  # the o markers: filled subspace, hollow full space
+        return [Line2D([], [], ls="", marker="o", color="black", markerfacecolor="black" if space == "subspace"
+                       else "none", label=f"{what}, {SPACE_NAMES[space]}") for space in spaces]
+
+    fig, ax = _figure(6.4, 5.6)
+    drawn = [a for a in analyses if a["theorem2"]["value"] is not None]
+    for a in drawn:
+        ax.scatter(a["test_risk"], a["theorem2"]["value"], **style(a))
+    top = max([a["test_risk"] for a in analyses] + [a["theorem2"]["value"] for a in drawn])
+    line = ax.plot([0, top], [0, top], color="grey", ls=":", label="bound = measured risk")
     ax.set_xlabel("measured test risk R at A(S) (mean cross-entropy)")
     ax.set_ylabel("Theorem 2 bound on R (δ = 0.05)")
-    ax.set_title(f"Theorem 2 against the measured risk ({len(analyses) - vacuous} runs; {vacuous} vacuous, not drawn)")
-    ax.legend(loc="lower right")
-    _save(fig, output / "analysis_theorem2.png")
+    ax.set_title(f"Theorem 2 against the measured risk\n{len(drawn)} analyses drawn, "
+                 f"{len(analyses) - len(drawn)} vacuous (not drawn)")
+    fig.legend(handles=method_handles + (space_handles("bound") if len(spaces) > 1 else []) + line,
+               loc="lower center", ncol=3, frameon=False)
+    _save(fig, output / "analysis_theorem2.png", rect=(0, 0.16, 1, 1))
 
-    fig, ax = _figure(6.4, 4.8)
+    fig, ax = _figure(6.4, 5.8)
     ax2 = ax.twinx()
-    for m in methods:
-        runs = sorted((a for a in analyses if a["method"] == m), key=lambda a: a["sparsity"])
-        ps = [a["sparsity"] for a in runs]
-        ax.scatter(ps, [a["lambda_min"] for a in runs], color=colors[m], marker="o", label=f"{m}: λmin")
-        ax2.scatter(ps, [a["grad_norm"] for a in runs], color=colors[m], marker="x", label=f"{m}: ‖∇L̂‖")
+    for a in analyses:
+        ax.scatter(a["sparsity"], a["lambda_min"], **style(a))
+        ax2.scatter(a["sparsity"], a["grad_norm"], **style(a, GRAD_MARKERS[a["space"]]))
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ax2.set_yscale("log")
     ax.set_xlabel("sparsity p (fraction of the backbone that may change)")
-    spaces = ", ".join(sorted({a["space"] for a in analyses}))
-    ax.set_ylabel(f"λmin of the training-loss Hessian ({spaces})")
-    ax2.set_ylabel("‖∇L̂(A(S))‖ (x)")
+    ax.set_ylabel("λmin of the training-loss Hessian (o)")
+    ax2.set_ylabel("‖∇L̂(A(S))‖ (x, +)")
     ax.set_title("Curvature and stationarity at A(S)")
-    handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles, labels, loc="lower left")
-    _save(fig, output / "analysis_curvature.png")
+    grad_handles = [Line2D([], [], ls="", marker=GRAD_MARKERS[space], color="black",
+                           label=f"‖∇L̂‖, {SPACE_NAMES[space]}") for space in spaces]
+    fig.legend(handles=method_handles + space_handles("λmin") + grad_handles, loc="lower center",
+               ncol=3, frameon=False)
+    _save(fig, output / "analysis_curvature.png", rect=(0, 0.2, 1, 1))
 
 
 # ----------------------------------------------------------------------------- figures

@@ -53,6 +53,10 @@ def test_analysis_at_A_of_S_in_both_spaces(tiny_model_dir, data_dir, tmp_path):
     # Cauchy interlacing: the subspace's extremes lie inside the full Hessian's (up to Lanczos' own bracket)
     assert full["lambda_max"] >= sub["lambda_max"] - sub["residual_max"]
     assert full["lambda_min"] <= sub["lambda_min"] + sub["residual_min"]
+    write_report(folder, tmp_path / "report")  # both spaces in one report: a row each, one figure each
+    report = (tmp_path / "report" / "analysis.md").read_text()
+    assert f"full ({full['dim']:,})" in report and f"subspace ({sub['dim']:,})" in report
+    assert (tmp_path / "report" / "analysis_curvature.png").stat().st_size > 10_000
 
 
 def test_sweep_analysis_skips_done_runs_and_goes_past_bad_ones(tiny_model_dir, data_dir, tmp_path, capsys):
