@@ -125,9 +125,9 @@ EXPECTED_STAGE_SECONDS: dict[str, tuple[float, ...]] = {}
 
 
 class StageLog:
-    """Names each stage with its position ("stage 2/4: Figure 1 ...") and, where the preset was timed, the
-    elapsed time and an overall ETA: the measured times of the stages not yet finished (a resumed stage
-    finishes sooner, so the ETA errs long)."""
+    """Names each stage with its position and the time so far ("stage 2/4: Figure 1 ... [12.5 min in]") and,
+    where the preset was timed, an overall ETA: the measured times of the stages not yet finished (a resumed
+    stage finishes sooner, so the ETA errs long)."""
 
     def __init__(self, log, total: int, expected: tuple[float, ...] | None):
         self.log, self.total, self.expected = log, total, expected
@@ -137,13 +137,12 @@ class StageLog:
         return time.time() - self.start
 
     def begin(self, name: str, detail: str) -> None:
-        eta = ""
+        clock = f"{self.elapsed() / 60:.1f} min in"
         if self.expected:
             left = sum(self.expected[self.count:])
-            eta = (f" [{self.elapsed() / 60:.0f} min in; about {left / 60:.0f} min left at the pace measured "
-                   f"on a quiet 2-core CPU]")
+            clock += f"; about {left / 60:.0f} min left at the pace measured on a quiet 2-core CPU"
         self.count += 1
-        self.log(f"stage {self.count}/{self.total}: {name}: {detail}{eta}")
+        self.log(f"stage {self.count}/{self.total}: {name}: {detail} [{clock}]")
 
 
 def estimated_cost(plan: Plan) -> str:

@@ -74,4 +74,4 @@ def test_stage_log_counts_down_the_measured_stage_times():
 def test_stage_log_without_a_measured_time_gives_no_eta():
     messages = []
     StageLog(messages.append, 2, expected=None).begin("Table 1", "detail")
-    assert messages == ["stage 1/2: Table 1: detail"]
+    assert messages == ["stage 1/2: Table 1: detail [0.0 min in]"]
