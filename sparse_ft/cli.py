@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bounds)
 
     p = sub.add_parser("reproduce", help="the paper's experiments: reduced Table 1, Figures 1-3, an index page")
-    p.add_argument("--preset", default="cpu", help="quick (minutes), cpu (MiniLM, 2 tasks x 4 methods x 3 seeds), paper (GPU)")
+    p.add_argument("--preset", default="cpu", help="quick (CB, 21 min on a 2-core CPU), cpu (MiniLM, 2 tasks x 4 methods x 3 seeds), paper (GPU)")
     p.add_argument("--data-dir", help="DIR/<task>/{train,val,test}.jsonl; default $SPARSE_FT_DATA, else the hub")
     p.add_argument("--paper", help="the paper's Table 1 CSV for the side-by-side table "
                                    "(default: DATA_DIR/../paper_table1.csv when it exists)")
