@@ -476,6 +476,7 @@ def main(argv=None) -> int:
     quiet_libraries()
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit-time flush
     except UserError as exc:
         print(f"sparse-ft: error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,8 +233,8 @@ def analysis_summary_markdown(analyses: list[dict], results: list[dict]) -> str:
             "min λmin + 2(1−p) | Theorem 1 | R̂ | R | Theorem 2 | test score |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for (task, method, sparsity, space), runs in sorted(groups.items()):
-        stops = ", ".join(f"{stop} {sum(a['training_stop'] == stop for a in runs)}"
-                          for stop in sorted({str(a["training_stop"]) for a in runs}))
+        stops = ", ".join(f"{stop} {count}" for stop, count in
+                          sorted(Counter(str(a.get("training_stop")) for a in runs).items()))
 
         lines.append(
             f"| {task} | {method} | {sparsity:.4g} | {space} ({runs[0]['dim']:,}) | {len(runs)} | {stops} | "

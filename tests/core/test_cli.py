@@ -190,3 +190,12 @@ def test_version_and_defaults_in_help(capsys):
     with pytest.raises(SystemExit):
         main(["analyze", "--help"])
     assert "(default: 30)" in capsys.readouterr().out  # --lanczos-steps: what a run costs is predictable
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`sparse-ft tasks | head -1`: the reader goes away before the listing is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_ft.cli", "tasks"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
