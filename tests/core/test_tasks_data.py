@@ -331,7 +331,7 @@ def test_task_listing_says_where_each_tasks_data_comes_from(data_dir, capsys, mo
     from sparse_ft.cli import main
 
     assert main(["tasks", "--data-dir", str(data_dir)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()[1:]  # after the header line: two lines per task
     source = {lines[i].split()[0]: lines[i + 1].strip() for i in range(0, len(lines), 2)}
     assert set(source) == set(TASKS)
     assert source["cb"] == f"data: local {data_dir / 'cb'}"
