@@ -58,7 +58,7 @@ def load_tokenizer(name: str):
 
     try:
         return ensure_pad_token(AutoTokenizer.from_pretrained(resolve_model_path(name)))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without any tokenizer files
         raise UserError(f"cannot load tokenizer for model {name!r}: {str(exc).splitlines()[0]}") from None
 
 

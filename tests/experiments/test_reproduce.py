@@ -51,9 +51,12 @@ def test_quick_reproduction_on_a_tiny_model(tiny_model_dir, data_dir, tmp_path, 
 def test_missing_data_or_model_stops_before_any_run(tiny_model_dir, data_dir, tmp_path):
     with pytest.raises(UserError, match="fetch-data"):
         reproduce("quick", tmp_path / "a", data_dir=str(tmp_path / "no-data"), model=str(tiny_model_dir))
-    with pytest.raises(UserError, match="cannot load"):
+    with pytest.raises(UserError, match="model folder .* does not exist"):
         reproduce("quick", tmp_path / "b", data_dir=str(data_dir), model=str(tmp_path / "no-model"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "empty-model").mkdir()
+    with pytest.raises(UserError, match="cannot load"):
+        reproduce("quick", tmp_path / "c", data_dir=str(data_dir), model=str(tmp_path / "empty-model"))
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_paper_preset_states_its_cost():
