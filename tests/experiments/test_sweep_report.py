@@ -130,7 +130,7 @@ def test_report_skips_and_reports_corrupt_results(tmp_path):
     bad.write_text('{"method": "sam", "task": "cb", "sco')
     lines = write_report(tmp_path / "runs", tmp_path / "out")
     assert any("unreadable result" in line and str(bad) in line for line in lines)
-    assert "70.00 ± 0.00 [1]" in (tmp_path / "out" / "table1.md").read_text()
+    assert "| sam | 70.00 [1] |" in (tmp_path / "out" / "table1.md").read_text()
 
 
 def test_a_csv_task_file_trains_through_a_parallel_sweep(tiny_model_dir, tmp_path):
