@@ -123,6 +123,8 @@ STAGES = ("Table 1", "Figure 1", "Figure 3", "Figure 2 and the report")
 # for the overall ETA; a preset without an entry was not timed end to end and gets no overall ETA.
 EXPECTED_STAGE_SECONDS: dict[str, tuple[float, ...]] = {
     "quick": (154.0, 86.0, 1019.0, 1.0),  # 2026-11-30, load average about 2 (its own two workers): 21 min 8 s
+    # 2026-11-30; the test suite shared the CPU for 30 min of Figure 3, so this errs long
+    "cpu": (791.0, 136.0, 3162.0, 0.0),
 }
 
 
