@@ -204,14 +204,14 @@ def analysis_markdown(analyses: list[dict]) -> str:
 
 
 def _spread(values: list[float | None], fmt: str = ".3g") -> str:
-    """Mean ± standard deviation (ddof 1) of the numbers in ``values``, "–" where none is a number; a value
+    """Mean ± sample standard deviation (:func:`theory.stability.seed_variance_stability`) of the numbers in ``values``, "–" where none is a number; a value
     that is None (a vacuous bound) is left out and counted in the caller's verdict column."""
     numbers = [v for v in values if v is not None]
     if not numbers:
         return "–"
     if len(numbers) == 1:
         return format(numbers[0], fmt)
-    return f"{format(float(np.mean(numbers)), fmt)} ± {format(float(np.std(numbers, ddof=1)), fmt)}"
+    return f"{format(float(np.mean(numbers)), fmt)} ± {format(seed_variance_stability(numbers), fmt)}"
 
 
 def _theorem_spread(runs: list[dict], name: str) -> str:
@@ -235,7 +235,6 @@ def analysis_summary_markdown(analyses: list[dict], results: list[dict]) -> str:
     for (task, method, sparsity, space), runs in sorted(groups.items()):
         stops = ", ".join(f"{stop} {count}" for stop, count in
                           sorted(Counter(str(a.get("training_stop")) for a in runs).items()))
-
         lines.append(
             f"| {task} | {method} | {sparsity:.4g} | {space} ({runs[0]['dim']:,}) | {len(runs)} | {stops} | "
             f"{_spread([a['lambda_min'] for a in runs])} | {_spread([a['lambda_max'] for a in runs])} | "
